@@ -1,0 +1,143 @@
+"""Episode state: per target the clicks so far, the tool's previous logits and the current mask; a history of
+states so that any earlier step can be restored (undo / backtrack); and the stop rules (step limit, repeats).
+
+This is where a click becomes a mask: `Episode.apply` hands all clicks of a target plus its previous logits to the
+segmentation tool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ibisagent.tools.base import SegmentationTool
+from ibisagent.types import Action, Click
+
+
+@dataclass(frozen=True)
+class EpisodeState:
+    """An immutable snapshot. clicks/logits/masks/scores are keyed by target name."""
+
+    clicks: dict[str, tuple[Click, ...]]
+    logits: dict[str, np.ndarray | None]
+    masks: dict[str, np.ndarray]
+    scores: dict[str, float]
+
+
+class Episode:
+    """The environment of one image and one instruction around a segmentation tool.
+
+    image:          HxWx3 uint8; `set_image` is called on the tool here, once, unless `image_is_set` says the
+                    caller already did it for this very image (the server reuses embeddings across requests).
+    targets:        target names in order; clicks for a new target name add it.
+    initial_masks:  optional HxW bool masks per target (refinement mode); they become the previous logits.
+    """
+
+    def __init__(
+        self,
+        tool: SegmentationTool,
+        image: np.ndarray,
+        targets: list[str],
+        initial_masks: dict[str, np.ndarray] | None = None,
+        max_steps: int = 20,
+        repeat_limit: int = 2,
+        image_is_set: bool = False,
+    ):
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {max_steps}")
+        self.tool = tool
+        self.image = image
+        self.max_steps = max_steps
+        self.repeat_limit = repeat_limit
+        if not image_is_set:
+            tool.set_image(image)
+        h, w = image.shape[:2]
+        initial_masks = dict(initial_masks or {})
+        for name, m in initial_masks.items():
+            if np.shape(m) != (h, w):
+                raise ValueError(f"initial mask for {name!r} has shape {np.shape(m)}, expected the image's {(h, w)}")
+        names = list(dict.fromkeys(list(targets) + list(initial_masks)))
+        self.history: list[EpisodeState] = [
+            EpisodeState(
+                clicks={t: () for t in names},
+                logits={t: tool.mask_to_logits(initial_masks[t]) if t in initial_masks else None for t in names},
+                masks={t: np.asarray(initial_masks.get(t, np.zeros((h, w), bool)), bool) for t in names},
+                scores={t: 0.0 for t in names},
+            )
+        ]
+        self.actions: list[Action] = []
+
+    # -- state -------------------------------------------------------------------------------------------
+    @property
+    def state(self) -> EpisodeState:
+        return self.history[-1]
+
+    @property
+    def step(self) -> int:
+        """Number of actions applied so far (undo counts as an action)."""
+        return len(self.actions)
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.state.masks)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.image.shape[0], self.image.shape[1]
+
+    def union_mask(self) -> np.ndarray:
+        """HxW bool union of all targets' current masks."""
+        out = np.zeros(self.image_size, bool)
+        for m in self.state.masks.values():
+            out |= m
+        return out
+
+    def all_clicks(self) -> list[Click]:
+        return [c for cs in self.state.clicks.values() for c in cs]
+
+    # -- transitions -------------------------------------------------------------------------------------
+    def apply(self, action: Action) -> EpisodeState:
+        """Apply clicks (each touched target re-segmented from all its clicks and previous logits) or an undo.
+        A terminate action changes nothing."""
+        self.actions.append(action)
+        if action.undo:
+            # Undo reverts the state before the previous action, keeping the record of what happened.
+            self.history.append(self.history[-2] if len(self.history) > 1 else self.history[-1])
+            return self.state
+        if action.terminate:
+            self.history.append(self.state)
+            return self.state
+        prev = self.state
+        clicks, logits = dict(prev.clicks), dict(prev.logits)
+        masks, scores = dict(prev.masks), dict(prev.scores)
+        h, w = self.image_size
+        for target in action.targets:
+            clicks[target] = clicks.get(target, ()) + tuple(c for c in action.clicks if c.target == target)
+            out = self.tool.predict(list(clicks[target]), logits.get(target))
+            logits[target], masks[target], scores[target] = out.logits, out.mask, float(out.score)
+        for target in clicks:
+            masks.setdefault(target, np.zeros((h, w), bool))
+        self.history.append(EpisodeState(clicks, logits, masks, scores))
+        return self.state
+
+    def undo_to(self, step: int) -> EpisodeState:
+        """Restore the state after `step` actions (0 = the initial state) and forget later actions: the caller
+        (the server, a user) backtracks and the episode continues from there."""
+        if not 0 <= step <= self.step:
+            raise ValueError(f"cannot undo to step {step}; the episode has steps 0..{self.step}")
+        del self.history[step + 1 :]
+        del self.actions[step:]
+        return self.state
+
+    def stop_reason(self) -> str | None:
+        """Why the episode must stop now, or None. Checked after each action."""
+        if self.actions and self.actions[-1].terminate:
+            return "terminate"
+        if self.repeat_limit > 1 and len(self.actions) >= self.repeat_limit:
+            last = self.actions[-self.repeat_limit :]
+            if last[0].clicks and all(a == last[0] for a in last):
+                return "repeated_action"
+        if self.step >= self.max_steps:
+            return "max_steps"
+        return None
