@@ -58,6 +58,7 @@ def run_episode(
     trajectory.stop_reason = None
     invalid, feedback = 0, None
     while trajectory.stop_reason is None:
+        t_render = time.perf_counter()
         obs = observe(episode, instruction, feedback)
         t0 = time.perf_counter()
         try:
@@ -74,7 +75,7 @@ def run_episode(
             invalid += 1
             step.error = str(exc)
             feedback = f"Your previous output could not be used ({exc}). Follow the required format."
-            step.timings = {"policy": t1 - t0, "parse": time.perf_counter() - t1}
+            step.timings = {"render": t0 - t_render, "policy": t1 - t0, "parse": time.perf_counter() - t1}
             trajectory.steps.append(step)
             if on_step:
                 on_step(step)
@@ -97,7 +98,7 @@ def run_episode(
             for t, g in gt.items():
                 m = state.masks.get(t, np.zeros(episode.image_size, bool))
                 step.metrics[f"iou/{t}"], step.metrics[f"dice/{t}"] = iou(m, g), dice(m, g)
-        step.timings = {"policy": t1 - t0, "parse": t2 - t1, "tool": t3 - t2}
+        step.timings = {"render": t0 - t_render, "policy": t1 - t0, "parse": t2 - t1, "tool": t3 - t2}
         trajectory.steps.append(step)
         if on_step:
             on_step(step)

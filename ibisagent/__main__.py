@@ -1,0 +1,7 @@
+"""`python -m ibisagent` runs the command line."""
+
+import sys
+
+from ibisagent.cli import main
+
+sys.exit(main())
