@@ -26,9 +26,16 @@ class UsageError(ValueError):
 
 def _add_tool_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("segmentation tool")
-    g.add_argument("--tool", default="classical", choices=TOOLS, help="segmentation tool (default: classical, needs no weights)")
-    g.add_argument("--checkpoint", help="weights file of a model tool (e.g. MedSAM2_latest.pt); omitted: random weights, tests only")
-    g.add_argument("--tool-config", help="model config: a SAM2.1 config name (sam2.1_hiera_t ...) or a SAM type (vit_b ...)")
+    g.add_argument(
+        "--tool", default="classical", choices=TOOLS, help="segmentation tool (default: classical, needs no weights)"
+    )
+    g.add_argument(
+        "--checkpoint",
+        help="weights file of a model tool (e.g. MedSAM2_latest.pt); omitted: random weights, tests only",
+    )
+    g.add_argument(
+        "--tool-config", help="model config: a SAM2.1 config name (sam2.1_hiera_t ...) or a SAM type (vit_b ...)"
+    )
     g.add_argument("--device", default="cpu", help="torch device for model tools and the VLM (cpu, cuda, cuda:1)")
 
 
@@ -41,14 +48,18 @@ def _build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--instruction", "-i", required=True, help='what to segment, e.g. "segment the liver tumor"')
     seg.add_argument("--target", help="target name used in click commands (default: taken from the instruction)")
     seg.add_argument("--slice", type=int, help="slice index for a volume (default: the middle slice)")
-    seg.add_argument("--axis", type=int, default=2, choices=(0, 1, 2), help="slice axis for a volume (default 2, axial)")
+    seg.add_argument(
+        "--axis", type=int, default=2, choices=(0, 1, 2), help="slice axis for a volume (default 2, axial)"
+    )
     seg.add_argument("--initial-mask", help="mask to refine (PNG or NIfTI of the image's size)")
     pol = seg.add_argument_group("policy (one of --model, --gt-mask, --replay)")
     pol.add_argument("--model", help="Qwen2.5-VL-compatible checkpoint: local folder or hub id")
     pol.add_argument("--gt-mask", help="ground-truth mask: run the oracle policy (upper bound; also scores each step)")
     pol.add_argument("--replay", help="trajectory JSON to play back")
     pol.add_argument("--dialect", choices=DIALECTS, default="ibis", help="action grammar: ibis (paper) or released")
-    pol.add_argument("--history", choices=("full", "current"), default="full", help="VLM context: all turns or the current one")
+    pol.add_argument(
+        "--history", choices=("full", "current"), default="full", help="VLM context: all turns or the current one"
+    )
     pol.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     pol.add_argument("--temperature", type=float, default=1.0)
     pol.add_argument("--seed", type=int, default=0)
@@ -81,7 +92,9 @@ def _segment(args: argparse.Namespace) -> int:
         raise UsageError("--instruction is empty; say what to segment, e.g. --instruction 'segment the liver'")
     chosen = [n for n in ("model", "gt_mask", "replay") if getattr(args, n)]
     if len(chosen) != 1:
-        raise UsageError("give exactly one policy: --model <checkpoint>, --gt-mask <mask> (oracle) or --replay <trajectory.json>")
+        raise UsageError(
+            "give exactly one policy: --model <checkpoint>, --gt-mask <mask> (oracle) or --replay <trajectory.json>"
+        )
     image = read_image(args.image, args.slice, args.axis)
     size = image.shape[:2]
     target = args.target or _target_from_instruction(args.instruction)
@@ -91,8 +104,13 @@ def _segment(args: argparse.Namespace) -> int:
         from ibisagent.policies.hf_vlm import HFVLMPolicy
 
         policy = HFVLMPolicy.from_pretrained(
-            args.model, dialect=args.dialect, history=args.history, do_sample=args.sample,
-            temperature=args.temperature, seed=args.seed, device=args.device,
+            args.model,
+            dialect=args.dialect,
+            history=args.history,
+            do_sample=args.sample,
+            temperature=args.temperature,
+            seed=args.seed,
+            device=args.device,
         )
     elif gt is not None:
         from ibisagent.policies import OraclePolicy
@@ -112,7 +130,11 @@ def _segment(args: argparse.Namespace) -> int:
     encode_s = time.perf_counter() - t0
 
     def report(step):
-        what = "error: " + step.error if step.error else (step.text.split("<action>")[-1].split("</action>")[0].strip().replace("\n", "; ") or "(answer)")
+        what = (
+            "error: " + step.error
+            if step.error
+            else (step.text.split("<action>")[-1].split("</action>")[0].strip().replace("\n", "; ") or "(answer)")
+        )
         score = "".join(f"  IoU {v:.3f}" for k, v in step.metrics.items() if k.startswith("iou/"))
         print(f"step {step.index}: {what[:100]}{score}", flush=True)
 
@@ -126,15 +148,21 @@ def _segment(args: argparse.Namespace) -> int:
         if step.masks:
             clicks = [c for cs in step.clicks.values() for c in cs]
             union = np.logical_or.reduce(list(step.masks.values()))
-            write_image(out / f"step_{step.index:02d}.png", overlay(image, union, clicks, marker_radius=max(4, min(size) // 80)))
+            write_image(
+                out / f"step_{step.index:02d}.png", overlay(image, union, clicks, marker_radius=max(4, min(size) // 80))
+            )
     print(f"stopped: {trajectory.stop_reason}; {trajectory.num_clicks} clicks; answer: {trajectory.answer!r}")
-    print(f"wrote {out / 'mask.png'}, {out / 'trajectory.json'} and {sum(1 for s in trajectory.steps if s.masks)} step overlays")
+    print(
+        f"wrote {out / 'mask.png'}, {out / 'trajectory.json'} and {sum(1 for s in trajectory.steps if s.masks)} step overlays"
+    )
     if args.profile:
         print(f"\nimage encode: {encode_s * 1000:.1f} ms")
         print(f"{'step':>4} {'policy ms':>10} {'parse ms':>9} {'tool ms':>8} {'render ms':>10}")
         for s in trajectory.steps:
             t = s.timings
-            print(f"{s.index:>4} {t.get('policy', 0) * 1e3:>10.1f} {t.get('parse', 0) * 1e3:>9.2f} {t.get('tool', 0) * 1e3:>8.1f} {t.get('render', 0) * 1e3:>10.1f}")
+            print(
+                f"{s.index:>4} {t.get('policy', 0) * 1e3:>10.1f} {t.get('parse', 0) * 1e3:>9.2f} {t.get('tool', 0) * 1e3:>8.1f} {t.get('render', 0) * 1e3:>10.1f}"
+            )
     return 0
 
 
@@ -156,14 +184,27 @@ def _oracle(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         episode = Episode(tool, image, [s.target], max_steps=args.max_clicks, image_is_set=not fresh)
         fresh = False
-        traj = run_episode(OraclePolicy({s.target: gt}, iou_threshold=args.stop_iou), episode, f"segment the {s.target}", gt={s.target: gt})
+        traj = run_episode(
+            OraclePolicy({s.target: gt}, iou_threshold=args.stop_iou),
+            episode,
+            f"segment the {s.target}",
+            gt={s.target: gt},
+        )
         curve = [st.metrics[f"iou/{s.target}"] for st in traj.steps if st.action is not None and st.action.clicks]
         final = traj.final_masks[s.target]
-        rows.append({
-            "mask": s.mask.name, "modality": s.modality, "target": s.target, "iou": iou(final, gt), "dice": dice(final, gt),
-            "clicks": len(curve), "noc85": noc(curve, 0.85, args.max_clicks), "noc90": noc(curve, 0.90, args.max_clicks),
-            "seconds": time.perf_counter() - t0,
-        })
+        rows.append(
+            {
+                "mask": s.mask.name,
+                "modality": s.modality,
+                "target": s.target,
+                "iou": iou(final, gt),
+                "dice": dice(final, gt),
+                "clicks": len(curve),
+                "noc85": noc(curve, 0.85, args.max_clicks),
+                "noc90": noc(curve, 0.90, args.max_clicks),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
     table = _table(rows)
     print(table)
     if args.markdown:
@@ -181,7 +222,10 @@ def _table(rows: list[dict]) -> str:
     for r in rows:
         groups[r["modality"]].append(r)
     groups["all"] = rows
-    lines = ["| modality | masks | IoU | Dice | clicks | NoC@85 | NoC@90 | s/mask |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| modality | masks | IoU | Dice | clicks | NoC@85 | NoC@90 | s/mask |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, rs in sorted(groups.items(), key=lambda kv: (kv[0] == "all", kv[0])):
         mean = {k: float(np.mean([r[k] for r in rs])) for k in ("iou", "dice", "clicks", "noc85", "noc90", "seconds")}
         lines.append(

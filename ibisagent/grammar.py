@@ -32,8 +32,13 @@ DIALECTS = ("ibis", "released")
 _TERMINATE = re.compile(r"^(terminate|termination)\.?$", re.IGNORECASE)
 _UNDO = re.compile(r"^undo\.?$", re.IGNORECASE)
 _NUMBER = r"[^,()\s]+"
-_IBIS_LINE = re.compile(rf"^(?P<target>.+?)\s*:\s*(?P<attr>[A-Za-z_-]+)(?:\s+point)?\s*\(\s*(?P<x>{_NUMBER})\s*,\s*(?P<y>{_NUMBER})\s*\)$", re.IGNORECASE)
-_RELEASED_LINE = re.compile(rf"^(?P<attr>[A-Za-z_-]+)\s+point\s*\(\s*(?P<x>{_NUMBER})\s*,\s*(?P<y>{_NUMBER})\s*\)$", re.IGNORECASE)
+_IBIS_LINE = re.compile(
+    rf"^(?P<target>.+?)\s*:\s*(?P<attr>[A-Za-z_-]+)(?:\s+point)?\s*\(\s*(?P<x>{_NUMBER})\s*,\s*(?P<y>{_NUMBER})\s*\)$",
+    re.IGNORECASE,
+)
+_RELEASED_LINE = re.compile(
+    rf"^(?P<attr>[A-Za-z_-]+)\s+point\s*\(\s*(?P<x>{_NUMBER})\s*,\s*(?P<y>{_NUMBER})\s*\)$", re.IGNORECASE
+)
 _ATTRIBUTES = {"positive": True, "pos": True, "negative": False, "neg": False}
 
 
@@ -120,7 +125,9 @@ class Grammar:
             raise ActionParseError("out_of_range", f"{axis} = {token} is outside [0, {self.scale:g}]", offset)
         return min(math.floor(value / self.scale * size), size - 1) + 0.5
 
-    def parse_action(self, body: str, image_size: tuple[int, int], default_target: str = DEFAULT_TARGET, offset: int = 0) -> Action:
+    def parse_action(
+        self, body: str, image_size: tuple[int, int], default_target: str = DEFAULT_TARGET, offset: int = 0
+    ) -> Action:
         """Parse the body of an <action> section. image_size: (H, W) of the image to map coordinates onto."""
         h, w = image_size
         lines = [(m.start() + offset, m.group().strip()) for m in re.finditer(r"[^\n;]+", body) if m.group().strip()]
@@ -141,10 +148,16 @@ class Grammar:
                 m = _RELEASED_LINE.match(line)  # accept the released form inside the paper dialect too
             if m is None:
                 expected = "Positive Point (x, y)" if self.dialect == "released" else "<target>: positive (x, y)"
-                raise ActionParseError("bad_syntax", f"cannot read {line[:80]!r}; expected {expected} or Terminate", pos)
+                raise ActionParseError(
+                    "bad_syntax", f"cannot read {line[:80]!r}; expected {expected} or Terminate", pos
+                )
             attr = m.group("attr").lower()
             if attr not in _ATTRIBUTES:
-                raise ActionParseError("unknown_attribute", f"attribute {m.group('attr')!r} is neither positive nor negative", pos + m.start("attr"))
+                raise ActionParseError(
+                    "unknown_attribute",
+                    f"attribute {m.group('attr')!r} is neither positive nor negative",
+                    pos + m.start("attr"),
+                )
             x = self._coordinate(m.group("x"), w, pos + m.start("x"), "x")
             y = self._coordinate(m.group("y"), h, pos + m.start("y"), "y")
             target = m.groupdict().get("target") or default_target
@@ -162,7 +175,9 @@ class Grammar:
             raise ActionParseError("missing_tag", "no <action> or <answer> section found; write <action>...</action>")
         action = None if body is None else self.parse_action(body, image_size, default_target, offset)
         if action is not None and answer is not None and not action.terminate:
-            raise ActionParseError("mixed_action", "an <answer> may only follow a Terminate action", text.find("<answer>"))
+            raise ActionParseError(
+                "mixed_action", "an <answer> may only follow a Terminate action", text.find("<answer>")
+            )
         return ParsedOutput(
             think=(think or "").strip(), action=action, answer=None if answer is None else answer.strip(), raw=text
         )

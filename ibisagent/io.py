@@ -38,7 +38,7 @@ def window(array: np.ndarray, lo: float | None = None, hi: float | None = None) 
     a = np.asarray(array, np.float32)
     if lo is None or hi is None:
         finite = a[np.isfinite(a)]
-        lo, hi = (np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0))
+        lo, hi = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0)
     if hi <= lo:
         return np.zeros(a.shape, np.uint8)
     return (np.clip((a - lo) / (hi - lo), 0, 1) * 255 + 0.5).astype(np.uint8)
@@ -110,12 +110,12 @@ def read_image(path: str | Path, slice_index: int | None = None, axis: int = 2) 
         return as_rgb_uint8(window(read_volume_slice(path, slice_index, axis)))
     if kind == "dicom":
         return as_rgb_uint8(_read_dicom(path))
-    raise ImageReadError(
-        f"{path}: unsupported file type; use PNG/JPG/BMP/TIFF, NIfTI (.nii, .nii.gz) or DICOM (.dcm)"
-    )
+    raise ImageReadError(f"{path}: unsupported file type; use PNG/JPG/BMP/TIFF, NIfTI (.nii, .nii.gz) or DICOM (.dcm)")
 
 
-def read_mask(path: str | Path, shape: tuple[int, int] | None = None, slice_index: int | None = None, axis: int = 2) -> np.ndarray:
+def read_mask(
+    path: str | Path, shape: tuple[int, int] | None = None, slice_index: int | None = None, axis: int = 2
+) -> np.ndarray:
     """A binary mask file -> HxW bool (foreground = first channel > 0). `shape` (H, W), when given, is enforced."""
     path = Path(path)
     if not path.is_file():
@@ -135,7 +135,9 @@ def read_mask(path: str | Path, shape: tuple[int, int] | None = None, slice_inde
     else:
         raise ImageReadError(f"{path}: unsupported mask file type; use PNG or NIfTI")
     if shape is not None and mask.shape != tuple(shape):
-        raise ImageReadError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but the image is {shape[1]}x{shape[0]} (width x height); give a mask of the image's size")
+        raise ImageReadError(
+            f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but the image is {shape[1]}x{shape[0]} (width x height); give a mask of the image's size"
+        )
     return mask
 
 

@@ -51,7 +51,10 @@ def run_episode(
     default_target = episode.targets[0] if episode.targets else "target"
     if trajectory is None:
         trajectory = Trajectory(
-            instruction, episode.image_size, episode.targets, policy.dialect,
+            instruction,
+            episode.image_size,
+            episode.targets,
+            policy.dialect,
             initial_masks={t: m for t, m in episode.state.masks.items() if m.any()},
         )
         policy.start(instruction, episode.targets)

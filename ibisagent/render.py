@@ -18,7 +18,9 @@ POSITIVE_COLOR = (255, 215, 0)
 NEGATIVE_COLOR = (220, 20, 60)
 
 
-def overlay(image: np.ndarray, mask: np.ndarray | None, clicks: Iterable[Click] = (), marker_radius: int = 0) -> np.ndarray:
+def overlay(
+    image: np.ndarray, mask: np.ndarray | None, clicks: Iterable[Click] = (), marker_radius: int = 0
+) -> np.ndarray:
     """Blend `mask` (HxW bool) onto `image` (HxWx3 uint8) -> HxWx3 uint8.
 
     Click markers ((x, y) pixels) are drawn only when marker_radius > 0: the policy's observation has none

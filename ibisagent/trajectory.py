@@ -153,7 +153,9 @@ class Trajectory:
     def from_dict(cls, d: dict) -> Trajectory:
         version = str(d.get("version"))
         if version != TRAJECTORY_VERSION:
-            raise ValueError(f"trajectory version {version!r} is not supported; this IBISAgent reads version {TRAJECTORY_VERSION}")
+            raise ValueError(
+                f"trajectory version {version!r} is not supported; this IBISAgent reads version {TRAJECTORY_VERSION}"
+            )
         return cls(
             instruction=d["instruction"],
             image_size=tuple(d["image_size"]),

@@ -119,7 +119,12 @@ def test_invalid_output_retry_gets_feedback(fake_tool):
             return super().act(obs)
 
     ep = Episode(fake_tool, IMAGE, ["t"], max_steps=3)
-    traj = run_episode(Recorder(["garbage", "<action>t: positive (0.5, 0.5)</action>", "<action>Terminate</action>"]), ep, "x", max_invalid=2)
+    traj = run_episode(
+        Recorder(["garbage", "<action>t: positive (0.5, 0.5)</action>", "<action>Terminate</action>"]),
+        ep,
+        "x",
+        max_invalid=2,
+    )
     assert seen[0] is None and "missing_tag" in seen[1] and seen[2] is None
     assert traj.stop_reason == "terminate" and len(traj.steps) == 3
 

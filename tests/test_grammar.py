@@ -10,10 +10,16 @@ from ibisagent.types import Action, Click
 SIZE = (480, 640)  # H, W
 
 
-def pixel_clicks(draw_target=st.sampled_from(["liver tumor", "left kidney", "polyp"])):
+TARGETS = st.sampled_from(["liver tumor", "left kidney", "polyp"])
+
+
+def pixel_clicks(draw_target=TARGETS):
     return st.builds(
         lambda col, row, pos, t: Click(col + 0.5, row + 0.5, pos, t),
-        st.integers(0, SIZE[1] - 1), st.integers(0, SIZE[0] - 1), st.booleans(), draw_target,
+        st.integers(0, SIZE[1] - 1),
+        st.integers(0, SIZE[0] - 1),
+        st.booleans(),
+        draw_target,
     )
 
 
@@ -39,13 +45,18 @@ def test_released_checkpoint_text_is_understood():
     action = Grammar("released").parse(text, (100, 200), default_target="liver tumor").action
     assert action.clicks == (Click(100.5, 25.5, True, "liver tumor"),)
     for end in ("Terminate", "Termination"):
-        parsed = Grammar("released").parse(f"<think>\nok\n</think>\n<action>\n{end}\n</action>\n<answer>\nDone.\n</answer>", SIZE)
+        parsed = Grammar("released").parse(
+            f"<think>\nok\n</think>\n<action>\n{end}\n</action>\n<answer>\nDone.\n</answer>", SIZE
+        )
         assert parsed.action.terminate and parsed.answer == "Done."
 
 
 def test_terminate_undo_and_answer_only():
     g = Grammar("ibis")
-    assert g.parse(g.format(Action(terminate=True), SIZE, "fine", answer="The liver is segmented."), SIZE).answer == "The liver is segmented."
+    assert (
+        g.parse(g.format(Action(terminate=True), SIZE, "fine", answer="The liver is segmented."), SIZE).answer
+        == "The liver is segmented."
+    )
     assert g.parse("<think>wrong click</think><action>Undo</action>", SIZE).action.undo
     vqa = g.parse("<think>no mask needed</think><answer>B</answer>", SIZE)
     assert vqa.action is None and vqa.answer == "B"
@@ -99,7 +110,7 @@ def test_scale_1000():
 
 
 @settings(max_examples=2000, deadline=None)
-@given(st.text(alphabet=st.sampled_from(list("<>/thinkactoswer:()., 0123456789-+eEPNpTUdx\n;")) , max_size=120))
+@given(st.text(alphabet=st.sampled_from(list("<>/thinkactoswer:()., 0123456789-+eEPNpTUdx\n;")), max_size=120))
 def test_arbitrary_text_never_escapes(text):
     for dialect in ("ibis", "released"):
         try:
@@ -111,7 +122,11 @@ def test_arbitrary_text_never_escapes(text):
 @settings(max_examples=500, deadline=None)
 @given(st.text(max_size=200))
 def test_arbitrary_unicode_never_escapes(text):
-    for wrapped in (text, f"<action>{text}</action>", f"<think>{text}</think><action>liver: positive ({text})</action>"):
+    for wrapped in (
+        text,
+        f"<action>{text}</action>",
+        f"<think>{text}</think><action>liver: positive ({text})</action>",
+    ):
         try:
             Grammar("ibis").parse(wrapped, SIZE)
         except ActionParseError:

@@ -16,7 +16,17 @@ def test_biomedparse_listing(demo_dir):
     assert len(samples) == 71
     s = next(s for s in samples if s.mask.name == "06_CT_abdomen_left+kidney.png")
     assert (s.target, s.modality, s.site, s.image.name) == ("left kidney", "CT", "abdomen", "06_CT_abdomen.png")
-    assert {x.modality for x in samples} >= {"CT", "MRI", "X-Ray", "pathology", "ultrasound", "fundus", "endoscope", "dermoscopy", "OCT"}
+    assert {x.modality for x in samples} >= {
+        "CT",
+        "MRI",
+        "X-Ray",
+        "pathology",
+        "ultrasound",
+        "fundus",
+        "endoscope",
+        "dermoscopy",
+        "OCT",
+    }
     img = read_image(s.image)
     assert img.shape == (1024, 1024, 3) and img.dtype == np.uint8
     assert read_mask(s.mask, img.shape[:2]).any()

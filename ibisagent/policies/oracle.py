@@ -46,13 +46,17 @@ class OraclePolicy:
         if all(s >= self.iou_threshold for s in scores.values()):
             names = ", ".join(self.gt)
             return self.grammar.format(
-                Action(terminate=True), size, think=f"The mask covers the {names} well; no further correction is needed.",
+                Action(terminate=True),
+                size,
+                think=f"The mask covers the {names} well; no further correction is needed.",
                 answer=f"The {names} {'is' if len(self.gt) == 1 else 'are'} segmented.",
             )
         clicked = [c for cs in obs.clicks.values() for c in cs]
         clicks = [c for c in next_clicks_multi(obs.masks, self.gt, clicked) if scores[c.target] < self.iou_threshold]
         if not clicks:  # every remaining error pixel was clicked already: nothing more a click can do
-            return self.grammar.format(Action(terminate=True), size, think="No further click can improve the mask.", answer="Done.")
+            return self.grammar.format(
+                Action(terminate=True), size, think="No further click can improve the mask.", answer="Done."
+            )
         parts = [
             f"{'Part of the ' + c.target + ' is missed' if c.positive else 'The mask spills beyond the ' + c.target} "
             f"in the {_where(c, size)}; {'add' if c.positive else 'remove'} it."

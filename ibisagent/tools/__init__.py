@@ -8,7 +8,9 @@ from ibisagent.tools.base import SegmentationTool, ToolError, ToolOutput
 TOOLS = ("classical", "sam2", "medsam2", "sam", "medsam")
 
 
-def build_tool(name: str, checkpoint: str | None = None, config: str | None = None, device: str = "cpu") -> SegmentationTool:
+def build_tool(
+    name: str, checkpoint: str | None = None, config: str | None = None, device: str = "cpu"
+) -> SegmentationTool:
     """Build a tool.
 
     name:       one of TOOLS. "classical" needs no weights. "sam2"/"medsam2" use the installed `sam2` package
@@ -18,7 +20,9 @@ def build_tool(name: str, checkpoint: str | None = None, config: str | None = No
     """
     if name == "classical":
         if checkpoint:
-            raise ToolError("the classical tool takes no checkpoint; drop --checkpoint or pick a model tool (sam2, medsam2, sam, medsam)")
+            raise ToolError(
+                "the classical tool takes no checkpoint; drop --checkpoint or pick a model tool (sam2, medsam2, sam, medsam)"
+            )
         from ibisagent.tools.classical import ClassicalTool
 
         return ClassicalTool()

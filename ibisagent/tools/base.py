@@ -57,7 +57,9 @@ class SegmentationTool:
         h, w = self._image.shape[:2]
         for c in clicks:
             if not (0 <= c.x < w and 0 <= c.y < h):
-                raise ToolError(f"{self.name}: click ({c.x:g}, {c.y:g}) lies outside the {w}x{h} image (x < {w}, y < {h})")
+                raise ToolError(
+                    f"{self.name}: click ({c.x:g}, {c.y:g}) lies outside the {w}x{h} image (x < {w}, y < {h})"
+                )
         if not clicks:
             return ToolOutput(np.zeros((h, w), bool), self.empty_logits(), 0.0)
         out = self._predict(list(clicks), prev_logits)
@@ -111,5 +113,7 @@ def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
     if image.dtype != np.uint8:
         image = image.astype(np.float32)
         lo, hi = float(np.nanmin(image)), float(np.nanmax(image))
-        image = np.zeros(image.shape, np.uint8) if hi <= lo else ((image - lo) / (hi - lo) * 255).round().astype(np.uint8)
+        image = (
+            np.zeros(image.shape, np.uint8) if hi <= lo else ((image - lo) / (hi - lo) * 255).round().astype(np.uint8)
+        )
     return np.ascontiguousarray(image)
