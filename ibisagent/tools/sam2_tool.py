@@ -3,6 +3,7 @@ re-runs only the prompt encoder and mask decoder on that embedding, fed with the
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from importlib import resources
 from pathlib import Path
@@ -73,6 +74,8 @@ class SAM2Tool(SegmentationTool):
                     "sam2.1_hiera_l", or a path inside the sam2 package such as "configs/sam2.1/sam2.1_hiera_t.yaml".
         medsam2:    apply MedSAM2's overrides (image_size 512, RoPE feat_sizes [32, 32]) and name the tool "medsam2".
         """
+        if importlib.util.find_spec("sam2") is None:
+            raise ToolError("the sam2 and medsam2 tools need the `sam2` package: pip install 'ibisagent[sam2]'")
         ensure_torchvision()
         if checkpoint is not None and not Path(checkpoint).is_file():
             raise ToolError(
@@ -87,7 +90,9 @@ class SAM2Tool(SegmentationTool):
         model = build_sam2(config_name, ckpt_path=None, device="cpu", hydra_overrides_extra=overrides)
         tool_name = "medsam2" if medsam2 else "sam2"
         if checkpoint is None:
-            logger.warning("%s: no checkpoint given, using RANDOM weights (%s); this is for tests only", tool_name, config_name)
+            logger.warning(
+                "%s: no checkpoint given, using RANDOM weights (%s); this is for tests only", tool_name, config_name
+            )
         else:
             if not medsam2 and "medsam" in Path(checkpoint).name.lower():
                 # MedSAM2 weights load into the 1024 px config without a key mismatch, then segment badly.
@@ -100,9 +105,16 @@ class SAM2Tool(SegmentationTool):
         """'Nothing segmented' in this model's low-resolution frame (256x256 at 1024 px, 128x128 at 512 px)."""
         return np.full(self.low_res_shape, -20.0, np.float32)
 
+    def mask_to_logits(self, mask: np.ndarray) -> np.ndarray:
+        """An HxW bool mask as `prev_logits`: stretched over the whole low-resolution frame (SAM2 resizes the
+        image without padding), +-10 inside/outside."""
+        return _mask_logits(mask, self.low_res_shape)
+
     def _encode(self, image: np.ndarray) -> None:
         import torch
 
+        if not image.flags.writeable:  # e.g. np.asarray(PIL image); torch warns about wrapping read-only memory
+            image = image.copy()
         with torch.inference_mode():
             self.predictor.set_image(image)
 
@@ -130,6 +142,14 @@ class SAM2Tool(SegmentationTool):
         return ToolOutput(mask=masks[best] > 0, logits=low_res[best].astype(np.float32), score=float(scores[best]))
 
 
+def _mask_logits(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """HxW bool -> `shape` float32 logits, +-10 inside/outside (bilinear, as the base class does at 256x256)."""
+    from PIL import Image
+
+    small = Image.fromarray(np.asarray(mask, bool).astype(np.float32)).resize(shape[::-1], Image.BILINEAR)
+    return ((np.asarray(small, np.float32) - 0.5) * 20.0).astype(np.float32)
+
+
 def resolve_config(config: str | None) -> str:
     """A config name as sam2's hydra finds it. `import sam2` registers the package root as the config module, so
     names are paths inside the package: "configs/sam2.1/sam2.1_hiera_t.yaml". (The bare "sam2_hiera_t.yaml" at
@@ -142,7 +162,11 @@ def resolve_config(config: str | None) -> str:
         name += ".yaml"
     root = resources.files("sam2")
     if not root.joinpath(name).is_file():
-        shipped = sorted(p.name.removesuffix(".yaml") for p in root.joinpath("configs", "sam2.1").iterdir() if p.name.endswith(".yaml"))
+        shipped = sorted(
+            p.name.removesuffix(".yaml")
+            for p in root.joinpath("configs", "sam2.1").iterdir()
+            if p.name.endswith(".yaml")
+        )
         raise ToolError(
             f"SAM2 config {config!r} is not in the installed sam2 package (looked for sam2/{name}); "
             f"use one of: {', '.join(shipped)}"
@@ -158,7 +182,9 @@ def _read_state_dict(checkpoint: str, torch) -> dict:
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
         sd = sd["model"]
     if not isinstance(sd, dict):
-        raise ToolError(f"SAM2 checkpoint {checkpoint!r} holds a {type(sd).__name__}, expected a state dict (or one under 'model')")
+        raise ToolError(
+            f"SAM2 checkpoint {checkpoint!r} holds a {type(sd).__name__}, expected a state dict (or one under 'model')"
+        )
     return sd
 
 
@@ -180,7 +206,9 @@ def _suggest(sd: dict) -> str:
     """What the keys say the checkpoint is, as advice on --tool / --config."""
     keys = list(sd)
     if any(k.startswith("image_encoder.blocks.") for k in keys):
-        return "It looks like a SAM v1 / MedSAM checkpoint: use --tool sam or --tool medsam (--config vit_b|vit_l|vit_h)."
+        return (
+            "It looks like a SAM v1 / MedSAM checkpoint: use --tool sam or --tool medsam (--config vit_b|vit_l|vit_h)."
+        )
     patch = sd.get("image_encoder.trunk.patch_embed.proj.weight")
     if patch is not None:
         blocks = {int(k.split(".")[3]) for k in keys if k.startswith("image_encoder.trunk.blocks.")}

@@ -3,6 +3,7 @@ in `set_image`; every click re-runs only the prompt encoder and mask decoder, fe
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -65,9 +66,15 @@ class SAMTool(SegmentationTool):
         checkpoint: a `.pth` state dict, bare (Meta's sam_vit_*.pth, medsam_vit_b.pth) or under "model" (MedSAM
                     training checkpoints). None: random weights, for tests only.
         """
+        if importlib.util.find_spec("segment_anything") is None:
+            raise ToolError(
+                "the sam and medsam tools need the `segment_anything` package: pip install 'ibisagent[sam]'"
+            )
         ensure_torchvision()
         if model_type not in MODEL_TYPES:
-            raise ToolError(f"unknown SAM model type {model_type!r} (--config); choose one of: {', '.join(MODEL_TYPES)}")
+            raise ToolError(
+                f"unknown SAM model type {model_type!r} (--config); choose one of: {', '.join(MODEL_TYPES)}"
+            )
         tool_name = "medsam" if medsam else "sam"
         if checkpoint is not None and not Path(checkpoint).is_file():
             raise ToolError(
@@ -79,7 +86,9 @@ class SAMTool(SegmentationTool):
 
         model = sam_model_registry[model_type](checkpoint=None)
         if checkpoint is None:
-            logger.warning("%s: no checkpoint given, using RANDOM weights (%s); this is for tests only", tool_name, model_type)
+            logger.warning(
+                "%s: no checkpoint given, using RANDOM weights (%s); this is for tests only", tool_name, model_type
+            )
         else:
             _load_weights(model, _read_state_dict(checkpoint, torch), checkpoint, tool_name, model_type)
         model = model.to(device).eval()
@@ -88,6 +97,23 @@ class SAMTool(SegmentationTool):
     def empty_logits(self) -> np.ndarray:
         """'Nothing segmented' in SAM's 256x256 low-resolution frame."""
         return np.full(self.low_res_shape, -20.0, np.float32)
+
+    def mask_to_logits(self, mask: np.ndarray) -> np.ndarray:
+        """An HxW bool mask as `prev_logits` in SAM's 256x256 frame, +-10 inside/outside. SAM's frame is the
+        padded 1024 px input: the image fills the top-left part, scaled by its longest side, and the padding is
+        outside. MedSAM stretches the image over the whole frame."""
+        from PIL import Image
+
+        mask = np.asarray(mask, bool)
+        size = self.low_res_shape[0]
+        if self.medsam:
+            h, w = size, size
+        else:
+            h, w = self.predictor.transform.get_preprocess_shape(mask.shape[0], mask.shape[1], size)
+        small = np.asarray(Image.fromarray(mask.astype(np.float32)).resize((w, h), Image.BILINEAR), np.float32)
+        logits = np.full(self.low_res_shape, -10.0, np.float32)
+        logits[:h, :w] = (small - 0.5) * 20.0
+        return logits
 
     def _encode(self, image: np.ndarray) -> None:
         import torch
@@ -132,7 +158,9 @@ class SAMTool(SegmentationTool):
         first_click = len(clicks) == 1 and prev_logits is None
         multimask = self.always_multimask or (first_click and not self.medsam)
         with torch.inference_mode():
-            masks, scores, low_res = self.predictor.predict_torch(coords_t, labels_t, mask_input=mask_t, multimask_output=multimask)
+            masks, scores, low_res = self.predictor.predict_torch(
+                coords_t, labels_t, mask_input=mask_t, multimask_output=multimask
+            )
         best = int(torch.argmax(scores[0]))
         return ToolOutput(
             mask=masks[0, best].cpu().numpy().astype(bool),
@@ -158,7 +186,9 @@ def _read_state_dict(checkpoint: str, torch) -> dict:
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
         sd = sd["model"]
     if not isinstance(sd, dict):
-        raise ToolError(f"SAM checkpoint {checkpoint!r} holds a {type(sd).__name__}, expected a state dict (or one under 'model')")
+        raise ToolError(
+            f"SAM checkpoint {checkpoint!r} holds a {type(sd).__name__}, expected a state dict (or one under 'model')"
+        )
     return sd
 
 
