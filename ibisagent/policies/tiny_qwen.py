@@ -1,7 +1,7 @@
 """A tiny Qwen2.5-VL built from configs, fully offline: random weights, for tests and from-scratch experiments.
 
 It has the real architecture (vision tower with window attention, 3D M-RoPE, the Qwen chat format and image
-placeholders) at a few million parameters, so everything that loads, prompts, generates or trains a Qwen2.5-VL
+placeholders) at about 0.2M parameters by default, so everything that loads, prompts, generates or trains a Qwen2.5-VL
 policy can run on a CPU without downloading anything. Its outputs are noise until trained.
 """
 
@@ -195,7 +195,10 @@ def build_tiny_qwen2_5_vl(
     )
     # The processor insists on a video processor; the policy never sends videos.
     video_processor = Qwen2VLVideoProcessor(
-        size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, patch_size=14, temporal_patch_size=2, merge_size=2
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+        patch_size=14,
+        temporal_patch_size=2,
+        merge_size=2,
     )
     processor = Qwen2_5_VLProcessor(
         image_processor=image_processor,
