@@ -1,0 +1,1 @@
+"""IBISAgent MONAI Label app."""

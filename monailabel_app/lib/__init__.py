@@ -1,0 +1,1 @@
+"""Library of the IBISAgent MONAI Label app: the infer task, sessions and errors."""

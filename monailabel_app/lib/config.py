@@ -1,0 +1,104 @@
+"""The app's settings: MONAI Label's `--conf key value` pairs parsed into a dataclass and checked, so that a bad
+value stops the server at start-up with a message naming the key."""
+
+from __future__ import annotations
+
+import os
+import re
+import typing
+from dataclasses import dataclass, field, fields
+
+from ibisagent.grammar import DIALECTS
+from ibisagent.policies.hf_vlm import DTYPES, HISTORY_MODES
+from ibisagent.tools import TOOLS
+
+from .errors import ConfigError
+
+_MONAILABEL_CONF = ("server_mode",)  # keys MONAI Label itself reads from --conf
+
+
+@dataclass
+class AppConfig:
+    """The app's --conf settings (`--conf key value`, values as strings on the command line)."""
+
+    model: str | None = field(
+        default=None, metadata={"help": "policy VLM: a local checkpoint folder or a Hub id; unset: tool-only requests"}
+    )
+    tool: str = field(default="classical", metadata={"help": f"segmentation tool: {', '.join(TOOLS)}"})
+    checkpoint: str | None = field(
+        default=None, metadata={"help": "weights file of a model tool; unset: random weights (tests only)"}
+    )
+    tool_config: str | None = field(
+        default=None, metadata={"help": "SAM2.1 config name (sam2.1_hiera_t ...) or SAM type (vit_b ...)"}
+    )
+    device: str = field(default="cpu", metadata={"help": "torch device for the tool and the model: cpu, cuda, cuda:1"})
+    dtype: str = field(default="auto", metadata={"help": f"model dtype: {', '.join(DTYPES)}"})
+    dialect: str = field(default="ibis", metadata={"help": f"action grammar of the model: {', '.join(DIALECTS)}"})
+    history: str = field(default="full", metadata={"help": "model context: full (all turns) or current"})
+    max_new_tokens: int = field(default=512, metadata={"help": "tokens the model may write per step"})
+    max_steps: int = field(default=20, metadata={"help": "step limit: default and maximum of a request's max_steps"})
+    session_ttl: float = field(default=600.0, metadata={"help": "seconds a session lives after its last request"})
+    max_sessions: int = field(default=32, metadata={"help": "sessions kept; the least recently used goes first"})
+    embedding_cache: int = field(
+        default=1,
+        metadata={"help": "tool instances, each holding one slice's embedding (each > 1 loads the tool again)"},
+    )
+    labels: str = field(default="target", metadata={"help": "comma-separated label names listed in /info/"})
+
+    @classmethod
+    def from_conf(cls, conf: dict[str, str]) -> AppConfig:
+        """Parse and check MONAI Label's --conf dictionary; raises ConfigError naming the key and value."""
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in fields(cls)}
+        values = {}
+        for key, raw in conf.items():
+            if key in _MONAILABEL_CONF:
+                continue
+            if key not in known:
+                raise ConfigError(f"unknown --conf key {key!r}; the ibisagent app knows: {', '.join(sorted(known))}")
+            values[key] = _convert(key, raw, hints[key])
+        config = cls(**values)
+        config._check()
+        return config
+
+    def _check(self) -> None:
+        def bad(key: str, expected: str) -> ConfigError:
+            return ConfigError(f"--conf {key} {getattr(self, key)!r} is invalid: expected {expected}")
+
+        if self.tool not in TOOLS:
+            raise bad("tool", f"one of {', '.join(TOOLS)}")
+        if self.dialect not in DIALECTS:
+            raise bad("dialect", f"one of {', '.join(DIALECTS)}")
+        if self.history not in HISTORY_MODES:
+            raise bad("history", f"one of {', '.join(HISTORY_MODES)}")
+        if self.dtype not in DTYPES:
+            raise bad("dtype", f"one of {', '.join(DTYPES)}")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
+            raise bad("device", "cpu, cuda, cuda:<index> or mps")
+        for key in ("max_new_tokens", "max_steps", "max_sessions", "embedding_cache"):
+            if getattr(self, key) < 1:
+                raise bad(key, "an integer of at least 1")
+        if not self.session_ttl > 0:
+            raise bad("session_ttl", "a positive number of seconds")
+        if self.checkpoint is not None and not os.path.isfile(self.checkpoint):
+            raise bad("checkpoint", "the path of an existing weights file")
+        if not self.label_names:
+            raise bad("labels", "at least one name, e.g. 'liver,tumor'")
+
+    @property
+    def label_names(self) -> list[str]:
+        return [name.strip() for name in self.labels.split(",") if name.strip()]
+
+
+def _convert(key: str, raw: str, hint: object):
+    text = str(raw).strip()
+    optional = type(None) in typing.get_args(hint)
+    if optional and text.lower() in ("", "none", "null"):
+        return None
+    base = next((t for t in (int, float, str) if hint is t or t in typing.get_args(hint)), str)
+    try:
+        return base(text)
+    except ValueError:
+        raise ConfigError(
+            f"--conf {key} {raw!r} is invalid: expected {'an integer' if base is int else 'a number'}"
+        ) from None

@@ -1,0 +1,1 @@
+"""Infer tasks of the IBISAgent MONAI Label app."""

@@ -1,0 +1,167 @@
+"""Server-side state of the ibisagent task: sessions (one episode each, with a time-to-live and LRU eviction) and the
+pool of tool instances that keeps image embeddings between requests.
+
+Locks: a session's `lock` is held for the whole request that uses it; a tool slot's lock is held while its tool
+works on one image (tools are stateful: `set_image`, then `predict`). Lock order is session -> pool -> slot, and the
+pool's own lock is only held to pick a slot, never while a tool computes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ibisagent.episode import Episode
+from ibisagent.tools.base import SegmentationTool
+from ibisagent.trajectory import Trajectory
+
+from .errors import RequestError
+
+_TOMBSTONES = 4096  # how many ended session ids are remembered, to answer "expired" rather than "unknown"
+
+
+@dataclass(frozen=True)
+class SliceKey:
+    """One 2D image the tool can embed: a datastore image id, the slice and axis of a volume (None, 2 for a 2D
+    image), and the file's modification time so that a replaced file is never served from a stale embedding."""
+
+    image_id: str
+    slice: int | None
+    axis: int
+    mtime_ns: int = 0
+
+
+@dataclass
+class Session:
+    """An episode that follow-up requests continue.
+
+    target:       the target name the user's clicks are for.
+    image:        HxWx3 uint8, the slice the episode runs on; `source` describes its file (the task's own record).
+    episode, trajectory: None only until the session's first request has the tool at hand.
+    step_actions: for each trajectory step, `episode.step` after it (steps whose text could not be parsed apply no
+                  action), so that "undo to trajectory step k" maps onto `Episode.undo_to`.
+    """
+
+    id: str
+    key: SliceKey
+    image: np.ndarray
+    instruction: str
+    target: str
+    source: Any = None
+    episode: Episode | None = None
+    trajectory: Trajectory | None = None
+    step_actions: list[int] = field(default_factory=list)
+    encode_count: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+class SessionStore:
+    """Sessions by id, dropped `ttl_s` seconds after their last use and least-recently-used first beyond
+    `max_sessions`. Ids are made here (random hex); clients cannot choose them."""
+
+    def __init__(self, ttl_s: float, max_sessions: int, clock: Callable[[], float] = time.monotonic):
+        if ttl_s <= 0 or max_sessions < 1:
+            raise ValueError(f"need ttl_s > 0 and max_sessions >= 1, got {ttl_s} and {max_sessions}")
+        self.ttl_s = ttl_s
+        self.max_sessions = max_sessions
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._sessions: OrderedDict[str, tuple[Session, float]] = OrderedDict()  # id -> (session, last use)
+        self._ended: OrderedDict[str, str] = OrderedDict()  # id -> why it ended
+
+    @staticmethod
+    def new_id() -> str:
+        return uuid.uuid4().hex
+
+    def add(self, session: Session) -> None:
+        with self._lock:
+            self._purge()
+            self._sessions[session.id] = (session, self._clock())
+            while len(self._sessions) > self.max_sessions:
+                old, _ = self._sessions.popitem(last=False)
+                self._end(old, f"was evicted (the server keeps at most {self.max_sessions} sessions)")
+
+    def get(self, session_id: str) -> Session:
+        """The live session, marked as used now. Unknown ids raise RequestError 404, ended ones 410."""
+        with self._lock:
+            self._purge()
+            entry = self._sessions.get(session_id)
+            if entry is None:
+                why = self._ended.get(session_id)
+                if why is not None:
+                    raise RequestError(410, f"session_id {session_id!r} {why}; start a new session (session_id null)")
+                raise RequestError(
+                    404, f"session_id {session_id!r} is unknown; send session_id null to start a session"
+                )
+            self._sessions[session_id] = (entry[0], self._clock())
+            self._sessions.move_to_end(session_id)
+            return entry[0]
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._purge()
+            return len(self._sessions)
+
+    def _purge(self) -> None:
+        now = self._clock()
+        for sid in [sid for sid, (_, used) in self._sessions.items() if now - used > self.ttl_s]:
+            del self._sessions[sid]
+            self._end(sid, f"expired ({self.ttl_s:g} s without use)")
+
+    def _end(self, session_id: str, why: str) -> None:
+        self._ended[session_id] = why
+        while len(self._ended) > _TOMBSTONES:
+            self._ended.popitem(last=False)
+
+
+@dataclass
+class _Slot:
+    tool: SegmentationTool | None
+    key: SliceKey | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class ToolPool:
+    """The image-embedding cache: up to `size` tool instances, each holding the embedding of one SliceKey, reused
+    least-recently-used first. `size` 1 (one tool) suits one user at a time; each extra slot builds another tool with
+    `factory` (for model tools another copy of the weights)."""
+
+    def __init__(self, factory: Callable[[], SegmentationTool], size: int, first: SegmentationTool | None = None):
+        if size < 1:
+            raise ValueError(f"the tool pool needs at least one slot, got {size}")
+        self._factory = factory
+        self._lock = threading.Lock()
+        self._slots = [_Slot(first if i == 0 else None) for i in range(size)]
+        self._order: list[int] = list(range(size))  # slot indices, least recently used first
+
+    @contextmanager
+    def use(self, key: SliceKey, image: np.ndarray) -> Iterator[tuple[SegmentationTool, bool]]:
+        """Hold a tool whose current image is `image` (HxWx3 uint8, identified by `key`) and yield (tool, encoded):
+        encoded is True when this call had to compute the embedding."""
+        with self._lock:
+            index = next((i for i, s in enumerate(self._slots) if s.key == key), self._order[0])
+            self._order.remove(index)
+            self._order.append(index)
+            slot = self._slots[index]
+        with slot.lock:
+            if slot.tool is None:
+                slot.tool = self._factory()
+            encoded = slot.key != key  # another request may have taken this slot since it was picked
+            if encoded:
+                slot.key = None  # a failing set_image must not leave the slot claiming the new key
+                slot.tool.set_image(image)
+                slot.key = key
+            yield slot.tool, encoded
+
+    @property
+    def encode_count(self) -> int:
+        """Embeddings computed by all tools of the pool since start-up."""
+        return sum(s.tool.encode_count for s in self._slots if s.tool is not None)

@@ -1,0 +1,998 @@
+"""3D Slicer module for IBISAgent: run the agent on one slice through the IBISAgent MONAI Label server, step through
+its trajectory (reasoning, clicks, mask), accept a step's mask into a segment, and refine with your own points.
+
+Thin on purpose: HTTP, the trajectory JSON, coordinate conversions and file encoding live in IBISAgentLib (Qt-free,
+tested by pytest against the real server). Coordinates: see IBISAgentLib/geometry.py; arrays from
+`slicer.util.arrayFromVolume` are (K, J, I).
+"""
+
+import hashlib
+import logging
+import os
+import re
+import tempfile
+
+import numpy as np
+import qt
+import slicer
+import vtk
+from IBISAgentLib import (
+    IBISAgentClient,
+    TrajectoryView,
+    default_server_url,
+    ijk_index,
+    ijk_to_ras,
+    kji_slice,
+    pixel_to_ijk,
+    pixel_to_voxel_centre,
+    png_mask_bytes,
+    ras_to_ijk,
+    slice_axis_from_normal,
+    slice_index_from_ras,
+    slice_shape,
+    write_nifti,
+    write_slice_mask,
+)
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+#
+# IBISAgent
+#
+
+
+class IBISAgent(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "IBISAgent"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["IBISAgent developers"]
+        self.parent.helpText = """
+Agentic interactive segmentation of one slice: a vision-language policy reads the slice and your instruction,
+writes its reasoning and click commands, and a segmentation tool turns the clicks into a mask, step by step.
+The computation runs on an IBISAgent MONAI Label server (monailabel start_server --app monailabel_app ...).
+Use the step slider to review each step, Accept to copy a step's mask into your segment, positive/negative points
+and Continue to correct the agent, or Undo to step to roll back and continue from an earlier step.
+"""
+        self.parent.acknowledgementText = """
+After "IBISAgent: Reinforcing Pixel-Level Visual Reasoning in MLLMs for Universal Biomedical Object Referring and
+Segmentation". Server side built on MONAI Label.
+"""
+
+
+#
+# IBISAgentWidget
+#
+
+
+class IBISAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Maps the GUI to the parameter node and calls the Logic; holds no segmentation state of its own."""
+
+    SETTINGS_SERVER_URL = "IBISAgent/ServerUrl"
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._updatingGUIFromParameterNode = False
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/IBISAgent.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = IBISAgentLogic()
+        self.logic.statusCallback = self.setStatus
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        # GUI -> parameter node
+        self.ui.serverUrlLineEdit.connect("editingFinished()", self.updateParameterNodeFromGUI)
+        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
+        self.ui.segmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
+        self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.updateParameterNodeFromGUI)
+        self.ui.useRedSliceCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
+        self.ui.sliceSpinBox.connect("valueChanged(int)", self.updateParameterNodeFromGUI)
+        self.ui.axisComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
+        self.ui.instructionLineEdit.connect("textChanged(QString)", self.updateParameterNodeFromGUI)
+        self.ui.maxStepsSpinBox.connect("valueChanged(int)", self.updateParameterNodeFromGUI)
+        self.ui.initialFromSegmentCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
+        self.ui.agentContinuesCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
+        self.ui.stepSlider.connect("valueChanged(double)", self.onStepChanged)
+
+        # actions -> Logic
+        self.ui.checkServerButton.connect("clicked(bool)", self.onCheckServer)
+        self.ui.runButton.connect("clicked(bool)", self.onRun)
+        self.ui.acceptButton.connect("clicked(bool)", self.onAccept)
+        self.ui.undoAcceptButton.connect("clicked(bool)", self.onUndoAccept)
+        self.ui.continueButton.connect("clicked(bool)", self.onContinue)
+        self.ui.undoToStepButton.connect("clicked(bool)", self.onUndoToStep)
+
+        self.initializeParameterNode()
+
+    def cleanup(self):
+        self.removeObservers()
+        if self.logic:
+            self.logic.statusCallback = None
+
+    def enter(self):
+        self.initializeParameterNode()
+        self._connectPlaceWidgets()
+
+    def exit(self):
+        for widget in (self.ui.positivePlaceWidget, self.ui.negativePlaceWidget):
+            widget.setPlaceModeEnabled(False)
+        if self._parameterNode:
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+
+    def onSceneStartClose(self, caller, event):
+        self.setParameterNode(None)
+        self.logic.forgetSession()
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+            self._connectPlaceWidgets()
+        self._showTrajectory()
+
+    # -- parameter node ---------------------------------------------------------------------------------------------
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.GetParameter("ServerUrl"):
+            self._parameterNode.SetParameter(
+                "ServerUrl", str(qt.QSettings().value(self.SETTINGS_SERVER_URL, default_server_url()))
+            )
+        if not self._parameterNode.GetNodeReference("InputVolume"):
+            volume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if volume:
+                self._parameterNode.SetNodeReferenceID("InputVolume", volume.GetID())
+
+    def setParameterNode(self, inputParameterNode):
+        if inputParameterNode:
+            self.logic.setDefaultParameters(inputParameterNode)
+        if self._parameterNode is not None and self.hasObserver(
+            self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode
+        ):
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode is not None:
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self.updateGUIFromParameterNode()
+
+    def updateGUIFromParameterNode(self, caller=None, event=None):
+        if self._parameterNode is None or self._updatingGUIFromParameterNode:
+            return
+        self._updatingGUIFromParameterNode = True
+        try:
+            p = self._parameterNode
+            self.ui.serverUrlLineEdit.text = p.GetParameter("ServerUrl")
+            volume = p.GetNodeReference("InputVolume")
+            self.ui.inputVolumeSelector.setCurrentNode(volume)
+            self.ui.segmentSelector.setCurrentNode(p.GetNodeReference("Segmentation"))
+            self.ui.segmentSelector.setCurrentSegmentID(p.GetParameter("SegmentId"))
+            useRed = p.GetParameter("UseRedSlice") == "true"
+            self.ui.useRedSliceCheckBox.checked = useRed
+            self.ui.sliceSpinBox.enabled = not useRed
+            self.ui.axisComboBox.enabled = not useRed
+            axis = int(p.GetParameter("SliceAxis") or 2)
+            self.ui.axisComboBox.currentIndex = axis
+            if volume and volume.GetImageData():
+                self.ui.sliceSpinBox.maximum = max(volume.GetImageData().GetDimensions()[axis] - 1, 0)
+            self.ui.sliceSpinBox.value = int(p.GetParameter("SliceIndex") or 0)
+            if self.ui.instructionLineEdit.text != p.GetParameter("Instruction"):
+                self.ui.instructionLineEdit.text = p.GetParameter("Instruction")
+            self.ui.maxStepsSpinBox.value = int(p.GetParameter("MaxSteps") or 10)
+            self.ui.initialFromSegmentCheckBox.checked = p.GetParameter("InitialFromSegment") == "true"
+            self.ui.agentContinuesCheckBox.checked = p.GetParameter("AgentContinues") == "true"
+            self.ui.runButton.enabled = bool(volume) and bool(p.GetParameter("Instruction").strip())
+            self.ui.runButton.toolTip = (
+                "Run the agent on the slice."
+                if self.ui.runButton.enabled
+                else "Choose a volume and write an instruction."
+            )
+        finally:
+            self._updatingGUIFromParameterNode = False
+        self._updateSessionButtons()
+
+    def updateParameterNodeFromGUI(self, caller=None, event=None):
+        if self._parameterNode is None or self._updatingGUIFromParameterNode:
+            return
+        p = self._parameterNode
+        wasModified = p.StartModify()
+        try:
+            url = self.ui.serverUrlLineEdit.text.strip()
+            if url != p.GetParameter("ServerUrl"):
+                qt.QSettings().setValue(self.SETTINGS_SERVER_URL, url)
+            p.SetParameter("ServerUrl", url)
+            p.SetNodeReferenceID("InputVolume", self.ui.inputVolumeSelector.currentNodeID)
+            p.SetNodeReferenceID("Segmentation", self.ui.segmentSelector.currentNodeID())
+            p.SetParameter("SegmentId", self.ui.segmentSelector.currentSegmentID() or "")
+            p.SetParameter("UseRedSlice", "true" if self.ui.useRedSliceCheckBox.checked else "false")
+            p.SetParameter("SliceIndex", str(self.ui.sliceSpinBox.value))
+            p.SetParameter("SliceAxis", str(self.ui.axisComboBox.currentIndex))
+            p.SetParameter("Instruction", self.ui.instructionLineEdit.text)
+            p.SetParameter("MaxSteps", str(self.ui.maxStepsSpinBox.value))
+            p.SetParameter("InitialFromSegment", "true" if self.ui.initialFromSegmentCheckBox.checked else "false")
+            p.SetParameter("AgentContinues", "true" if self.ui.agentContinuesCheckBox.checked else "false")
+        finally:
+            p.EndModify(wasModified)
+
+    # -- display of the session -------------------------------------------------------------------------------------
+    def setStatus(self, text):
+        self.ui.statusLabel.text = text
+        slicer.app.processEvents()
+
+    def _connectPlaceWidgets(self):
+        self.ui.positivePlaceWidget.setCurrentNode(self.logic.markupsNode(IBISAgentLogic.ROLE_INPUT_POSITIVE))
+        self.ui.negativePlaceWidget.setCurrentNode(self.logic.markupsNode(IBISAgentLogic.ROLE_INPUT_NEGATIVE))
+
+    def _updateSessionButtons(self):
+        session = self.logic.session if self.logic else None
+        hasSteps = bool(session and session.trajectory.num_steps)
+        self.ui.acceptButton.enabled = bool(session)
+        self.ui.undoAcceptButton.enabled = self.logic.canUndoAccept() if self.logic else False
+        self.ui.continueButton.enabled = bool(session)
+        self.ui.undoToStepButton.enabled = hasSteps
+        self.ui.stepSlider.enabled = hasSteps
+
+    def _showTrajectory(self):
+        """Refresh the slider (0 = the initial state, k = after the first k steps), the stop reason and the shown
+        step after the session changed; the slider goes to the last step."""
+        session = self.logic.session
+        slider = self.ui.stepSlider
+        wasBlocked = slider.blockSignals(True)
+        try:
+            slider.maximum = session.trajectory.num_steps if session else 0
+            slider.value = slider.maximum
+        finally:
+            slider.blockSignals(wasBlocked)
+        self.ui.stopReasonLabel.text = (session.stopReason or "-") if session else "-"
+        self._updateSessionButtons()
+        if session is None:
+            self.ui.reasoningTextEdit.setPlainText("")
+        else:
+            self.onStepChanged(slider.value)
+
+    def onStepChanged(self, value):
+        if self.logic.session is None:
+            return
+        with slicer.util.tryWithErrorDisplay("IBISAgent could not show this step.", waitCursor=True):
+            step = self.logic.showStep(int(round(value)))
+            self.ui.reasoningTextEdit.setPlainText(step.describe() if step else "Initial state: no step applied yet.")
+
+    # -- actions ----------------------------------------------------------------------------------------------------
+    def _syncLogicServer(self):
+        self.updateParameterNodeFromGUI()
+        self.logic.serverUrl = self._parameterNode.GetParameter("ServerUrl") or default_server_url()
+
+    def onCheckServer(self):
+        self._syncLogicServer()
+        with slicer.util.tryWithErrorDisplay("IBISAgent server check failed.", waitCursor=True):
+            info = self.logic.serverInfo()
+            self.setStatus(
+                f"Server {self.logic.serverUrl}: app {info.get('name', '?')}, models {', '.join(info.get('models', {}))}"
+            )
+
+    def onRun(self):
+        self._syncLogicServer()
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("IBISAgent failed.", waitCursor=True):
+            volume = p.GetNodeReference("InputVolume")
+            if p.GetParameter("UseRedSlice") == "true":
+                axis, sliceIndex = self.logic.sliceFromView(volume, "Red")
+                wasModified = p.StartModify()
+                p.SetParameter("SliceAxis", str(axis))
+                p.SetParameter("SliceIndex", str(sliceIndex))
+                p.EndModify(wasModified)
+            else:
+                axis, sliceIndex = int(p.GetParameter("SliceAxis")), int(p.GetParameter("SliceIndex"))
+            segmentation = p.GetNodeReference("Segmentation")
+            positive, negative = self.logic.userPoints()  # points placed before Run start the session with them
+            self.logic.run(
+                volume,
+                sliceIndex,
+                axis,
+                p.GetParameter("Instruction"),
+                segmentation,
+                p.GetParameter("SegmentId"),
+                int(p.GetParameter("MaxSteps")),
+                initialFromSegment=p.GetParameter("InitialFromSegment") == "true",
+                positiveRas=positive,
+                negativeRas=negative,
+            )
+            self.logic.clearUserPoints()
+            if segmentation is None:  # the Logic created one; show it in the selector
+                p.SetNodeReferenceID("Segmentation", self.logic.session.segmentationNode.GetID())
+            self.logic.jumpToSessionSlice()
+        self._showTrajectory()
+
+    def onAccept(self):
+        with slicer.util.tryWithErrorDisplay("IBISAgent could not accept the mask.", waitCursor=True):
+            segmentId = self.logic.accept(int(round(self.ui.stepSlider.value)))
+            session = self.logic.session
+            wasModified = self._parameterNode.StartModify()
+            self._parameterNode.SetNodeReferenceID("Segmentation", session.segmentationNode.GetID())
+            self._parameterNode.SetParameter("SegmentId", segmentId)
+            self._parameterNode.EndModify(wasModified)
+        self._updateSessionButtons()
+
+    def onUndoAccept(self):
+        with slicer.util.tryWithErrorDisplay("IBISAgent could not undo the accept.", waitCursor=True):
+            self.logic.undoAccept()
+        self._updateSessionButtons()
+
+    def _continue(self, undoTo=None):
+        self._syncLogicServer()
+        p = self._parameterNode
+        # unchecked: only the tool applies the points; checked: the agent goes on if the server has a model
+        runAgent = None if p.GetParameter("AgentContinues") == "true" else False
+        with slicer.util.tryWithErrorDisplay("IBISAgent failed to continue.", waitCursor=True):
+            self.logic.continueSession(maxSteps=int(p.GetParameter("MaxSteps")), undoTo=undoTo, runAgent=runAgent)
+            self.logic.clearUserPoints()
+        self._showTrajectory()
+
+    def onContinue(self):
+        self._continue()
+
+    def onUndoToStep(self):
+        self._continue(undoTo=int(round(self.ui.stepSlider.value)))
+
+
+#
+# IBISAgentLogic
+#
+
+
+class IBISAgentSession:
+    """One server session as the Logic sees it: the nodes it works on and the latest decoded trajectory."""
+
+    def __init__(self, imageId, volumeNode, axis, sliceIndex, instruction, segmentationNode, segmentId):
+        self.imageId = imageId
+        self.volumeNode = volumeNode
+        self.axis = int(axis)
+        self.sliceIndex = int(sliceIndex)
+        self.instruction = instruction
+        self.segmentationNode = segmentationNode
+        self.segmentId = segmentId or ""
+        self.sessionId = None
+        self.stopReason = None
+        self.result = None
+        self.trajectory = None
+
+    def update(self, result):
+        """Take a server result (the JSON of POST /infer/ibisagent) into the session."""
+        missing = [key for key in ("session_id", "trajectory") if key not in result]
+        if missing:
+            raise ValueError(
+                f"the server's answer has no {missing}; is it the IBISAgent app? It sent keys {sorted(result)}"
+            )
+        trajectory = TrajectoryView.from_dict(result["trajectory"])
+        expected = slice_shape(self.volumeNode.GetImageData().GetDimensions(), self.axis)
+        if tuple(trajectory.image_size) != tuple(expected):
+            raise ValueError(
+                f"the server's image {self.imageId!r} has {trajectory.image_size[1]}x{trajectory.image_size[0]} "
+                f"slices but volume {self.volumeNode.GetName()!r} has {expected[1]}x{expected[0]} along axis "
+                f"{self.axis}: they are not the same image. Clear the volume's "
+                f"'{IBISAgentLogic.IMAGE_ID_ATTRIBUTE}' attribute or rename the volume so that it is uploaded."
+            )
+        self.sessionId = result["session_id"]
+        self.stopReason = result.get("stop_reason") or trajectory.stop_reason
+        self.result = result
+        self.trajectory = trajectory
+
+
+class IBISAgentLogic(ScriptedLoadableModuleLogic):
+    """Runs without a GUI: talks to the server through IBISAgentLib and writes results into MRML nodes.
+
+    Steps are counted as the server counts them for `undo_to`: "step count" k is the state after the first k
+    trajectory steps, 0 the initial state. Points are sent as integer voxel indices [i, j, k] of the session slice.
+    """
+
+    IMAGE_ID_ATTRIBUTE = "IBISAgent.ImageId"
+    ROLE_ATTRIBUTE = "IBISAgent.Role"
+    ROLE_CLICKS_POSITIVE = "clicks-positive"
+    ROLE_CLICKS_NEGATIVE = "clicks-negative"
+    ROLE_INPUT_POSITIVE = "input-positive"
+    ROLE_INPUT_NEGATIVE = "input-negative"
+    PREVIEW_SEGMENT_NAME = "IBISAgent preview"
+    PREVIEW_COLOR = (1.0, 0.85, 0.1)
+    POSITIVE_COLOR = (0.15, 0.85, 0.15)
+    NEGATIVE_COLOR = (0.9, 0.15, 0.15)
+    _MARKUPS = {
+        ROLE_CLICKS_POSITIVE: ("IBISAgent clicks +", POSITIVE_COLOR, True, "+"),
+        ROLE_CLICKS_NEGATIVE: ("IBISAgent clicks -", NEGATIVE_COLOR, True, "-"),
+        ROLE_INPUT_POSITIVE: ("IBISAgent my points +", POSITIVE_COLOR, False, "P"),
+        ROLE_INPUT_NEGATIVE: ("IBISAgent my points -", NEGATIVE_COLOR, False, "N"),
+    }
+
+    def __init__(self, serverUrl=None):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.serverUrl = serverUrl or default_server_url()
+        self.session = None
+        self.statusCallback = None
+        self._acceptUndoStack = []
+
+    def setDefaultParameters(self, parameterNode):
+        defaults = {
+            "UseRedSlice": "true",
+            "SliceIndex": "0",
+            "SliceAxis": "2",
+            "MaxSteps": "10",
+            "InitialFromSegment": "false",
+            "AgentContinues": "true",
+        }
+        for name, value in defaults.items():
+            if not parameterNode.GetParameter(name):
+                parameterNode.SetParameter(name, value)
+
+    def _status(self, text):
+        logging.info(f"IBISAgent: {text}")
+        if self.statusCallback:
+            self.statusCallback(text)
+
+    def client(self):
+        return IBISAgentClient(self.serverUrl)
+
+    def serverInfo(self, client=None):
+        """GET /info/ of the server; raises ValueError when it offers no 'ibisagent' task."""
+        client = client or self.client()
+        info = client.info()
+        if client.model not in (info.get("models") or {}):
+            raise ValueError(
+                f"the server at {self.serverUrl} offers models {sorted(info.get('models') or {})} but no "
+                f"'{client.model}'; start it with --app monailabel_app"
+            )
+        return info
+
+    def agentAvailable(self, client=None):
+        """Whether the server has a policy model (else only your points are applied, by the segmentation tool)."""
+        info = self.serverInfo(client)
+        return bool(info["models"][(client or self.client()).model].get("config", {}).get("run_agent", True))
+
+    # -- volumes and geometry ---------------------------------------------------------------------------------------
+    @staticmethod
+    def ijkToRasMatrix(volumeNode, world=True):
+        """4x4 numpy IJK->RAS of the volume; with world=True composed with its (linear) parent transforms."""
+        m = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(m)
+        ijkToRas = slicer.util.arrayFromVTKMatrix(m)
+        transformNode = volumeNode.GetParentTransformNode()
+        if world and transformNode is not None:
+            if not transformNode.IsTransformToWorldLinear():
+                raise ValueError(
+                    f"volume {volumeNode.GetName()!r} is under a non-linear transform; harden the transform first"
+                )
+            toWorld = vtk.vtkMatrix4x4()
+            transformNode.GetMatrixTransformToWorld(toWorld)
+            ijkToRas = slicer.util.arrayFromVTKMatrix(toWorld) @ ijkToRas
+        return ijkToRas
+
+    @staticmethod
+    def volumeArray(volumeNode):
+        """The volume's voxels as a (K, J, I) numpy array; refuses what the server cannot take."""
+        if volumeNode is None or volumeNode.GetImageData() is None:
+            raise ValueError("choose a volume that has image data")
+        array = slicer.util.arrayFromVolume(volumeNode)
+        if array.ndim != 3:
+            raise ValueError(
+                f"volume {volumeNode.GetName()!r} has {array.shape[-1]} components per voxel; IBISAgent takes a "
+                "scalar (grayscale) volume: convert it with the Vector to Scalar Volume module"
+            )
+        return array
+
+    def sliceFromView(self, volumeNode, sliceViewName="Red"):
+        """(axis, slice index) of the volume slice shown in a slice view: the IJK axis most parallel to the view's
+        normal and the index of the slice through the view's centre. Works without a GUI (uses the slice node)."""
+        if volumeNode is None:
+            raise ValueError("choose a volume first")
+        sliceNode = slicer.mrmlScene.GetNodeByID(f"vtkMRMLSliceNode{sliceViewName}")
+        if sliceNode is None:
+            raise ValueError(f"there is no {sliceViewName} slice view; give the slice index and axis instead")
+        sliceToRas = slicer.util.arrayFromVTKMatrix(sliceNode.GetSliceToRAS())
+        ijkToWorld = self.ijkToRasMatrix(volumeNode)
+        axis = slice_axis_from_normal(sliceToRas[:3, 2], ijkToWorld)
+        index = slice_index_from_ras(sliceToRas[:3, 3], ijkToWorld, axis)
+        n = volumeNode.GetImageData().GetDimensions()[axis]
+        if not 0 <= index < n:
+            raise ValueError(
+                f"the {sliceViewName} view shows slice {index} along IJK axis {axis}, outside the volume "
+                f"(0..{n - 1}); scroll the view into the volume or give the slice index"
+            )
+        return axis, index
+
+    def jumpToSessionSlice(self):
+        """Move the slice views to the centre of the session's slice, so placed points land on it."""
+        s = self.session
+        if s is None:
+            return
+        h, w = s.trajectory.image_size
+        ras = ijk_to_ras(pixel_to_ijk((w / 2.0, h / 2.0), s.axis, s.sliceIndex), self.ijkToRasMatrix(s.volumeNode))
+        slicer.modules.markups.logic().JumpSlicesToLocation(float(ras[0]), float(ras[1]), float(ras[2]), True)
+
+    def pointsToIjk(self, pointsRas, volumeNode, axis, sliceIndex):
+        """World RAS points -> integer voxel indices [i, j, k] on slice `sliceIndex` (what the server takes).
+
+        A point more than one voxel off the slice is refused rather than silently moved onto it."""
+        out = []
+        dims = np.asarray(volumeNode.GetImageData().GetDimensions())
+        ijkToWorld = self.ijkToRasMatrix(volumeNode)
+        for ras in pointsRas:
+            ijk = ras_to_ijk(np.asarray(ras, float), ijkToWorld)
+            if abs(ijk[axis] - sliceIndex) > 1.0:
+                raise ValueError(
+                    f"point at RAS {np.round(ras, 1).tolist()} lies on slice {ijk[axis]:.1f} along IJK axis {axis}, "
+                    f"but the session works on slice {sliceIndex}; place points on that slice"
+                )
+            index = ijk_index(ijk)
+            index[axis] = sliceIndex
+            if np.any(index < 0) or np.any(index >= dims):
+                raise ValueError(f"point at RAS {np.round(ras, 1).tolist()} is outside the volume")
+            out.append([int(v) for v in index])
+        return out
+
+    # -- the image on the server ------------------------------------------------------------------------------------
+    def imageIdForVolume(self, volumeNode, client=None):
+        """The server's image id for this volume, uploading the volume when the server does not have it.
+
+        1. the volume's IBISAgent.ImageId attribute (set by you or by a tool that fetched it), if the server has it;
+        2. the volume's name, if the server's datastore has an image of that id (MONAI Label's Slicer module names
+           the volumes it loads from the datastore after their image ids);
+        3. otherwise an id made of the name and a hash of the voxels and geometry; uploaded (as NIfTI written by
+           IBISAgentLib, voxel (i, j, k) preserved) unless the server already holds it.
+        A wrong match in 1 or 2 is caught when the answer's slice size differs from the volume's.
+        """
+        client = client or self.client()
+        attribute = volumeNode.GetAttribute(self.IMAGE_ID_ATTRIBUTE)
+        if attribute and client.has_image(attribute):
+            return attribute
+        name = volumeNode.GetName() or ""
+        if name and client.has_image(name):
+            return name
+        array = self.volumeArray(volumeNode)
+        ijkToRas = self.ijkToRasMatrix(volumeNode, world=False)
+        digest = hashlib.sha1()
+        digest.update(str((array.shape, array.dtype.str, np.round(ijkToRas, 6).tolist())).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+        imageId = f"slicer-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)[:40] or 'volume'}-{digest.hexdigest()[:12]}"
+        if client.has_image(imageId):
+            return imageId
+        self._status(f"Uploading volume {name!r} to the server as {imageId} ...")
+        with tempfile.TemporaryDirectory() as folder:
+            path = write_nifti(os.path.join(folder, imageId + ".nii.gz"), array, ijkToRas)
+            return client.upload_image(path, imageId)
+
+    # -- running the agent ------------------------------------------------------------------------------------------
+    def run(
+        self,
+        volumeNode,
+        sliceIndex,
+        axis,
+        instruction,
+        segmentationNode=None,
+        segmentId="",
+        maxSteps=10,
+        initialFromSegment=False,
+        positiveRas=None,
+        negativeRas=None,
+        runAgent=None,
+    ):
+        """Start a new session on slice `sliceIndex` along IJK `axis` of the volume; returns the trajectory.
+
+        segmentationNode / segmentId: where Accept writes (created when None / empty); initialFromSegment sends the
+        segment's current mask on this slice as the starting mask. positiveRas / negativeRas: world RAS points
+        applied first. runAgent: None = when the server has a policy model. Shows the last step as a preview.
+        """
+        if not (instruction or "").strip():
+            raise ValueError("write an instruction, e.g. 'segment the liver tumor'")
+        if int(maxSteps) < 1:
+            raise ValueError(f"max steps must be at least 1, got {maxSteps}")
+        array = self.volumeArray(volumeNode)
+        kji_slice(array, axis, sliceIndex)  # a clear error for a bad axis or an out-of-range slice
+        foreground = self.pointsToIjk(positiveRas or [], volumeNode, axis, sliceIndex)
+        background = self.pointsToIjk(negativeRas or [], volumeNode, axis, sliceIndex)
+        client = self.client()
+        if runAgent is None:
+            runAgent = self.agentAvailable(client)
+            if not runAgent and not (foreground or background):
+                raise ValueError(
+                    "the server has no policy model (started without --conf model): place positive/negative points "
+                    "on the slice, then Run applies them with the segmentation tool"
+                )
+        if segmentationNode is None:
+            segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "IBISAgent segmentation")
+            segmentationNode.CreateDefaultDisplayNodes()
+            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        self.removePreview()
+        session = IBISAgentSession(None, volumeNode, axis, sliceIndex, instruction.strip(), segmentationNode, segmentId)
+        session.imageId = self.imageIdForVolume(volumeNode, client)
+        params = {
+            "instruction": session.instruction,
+            "slice": session.sliceIndex,
+            "axis": session.axis,
+            "foreground": foreground,
+            "background": background,
+            "max_steps": int(maxSteps),
+            "session_id": None,
+            "run_agent": bool(runAgent),
+        }
+        what = "Running the agent" if runAgent else "Applying your points"
+        self._status(f"{what} on slice {sliceIndex} (axis {axis}) of {session.imageId} ...")
+        with tempfile.TemporaryDirectory() as folder:
+            labelPath = None
+            if initialFromSegment and segmentId:
+                mask = self.segmentSliceMask(segmentationNode, segmentId, volumeNode, axis, sliceIndex)
+                if mask.any():
+                    labelPath = os.path.join(folder, "initial_mask.png")
+                    with open(labelPath, "wb") as f:
+                        f.write(png_mask_bytes(mask))
+            result, _ = client.infer(session.imageId, params, label_path=labelPath, output="json")
+        session.update(result)
+        self.session = session
+        self._acceptUndoStack = []
+        self.showStep(session.trajectory.num_steps)
+        self._status(self._summary())
+        return session.trajectory
+
+    def continueSession(
+        self, positiveRas=None, negativeRas=None, maxSteps=10, undoTo=None, runAgent=None, removeClicks=None
+    ):
+        """Continue the session: optionally keep only the first `undoTo` steps (0 = back to the initial state), add
+        your points (world RAS; default: those placed in the 'my points' markups), then let the agent go on
+        (runAgent; None = when the server has a policy model) or only apply the points. removeClicks: [x, y] pixels
+        of clicks to take back. Returns the new trajectory."""
+        s = self.session
+        if s is None:
+            raise ValueError("run the agent first; there is no session to continue")
+        if positiveRas is None and negativeRas is None:
+            positiveRas, negativeRas = self.userPoints()
+        foreground = self.pointsToIjk(positiveRas or [], s.volumeNode, s.axis, s.sliceIndex)
+        background = self.pointsToIjk(negativeRas or [], s.volumeNode, s.axis, s.sliceIndex)
+        if runAgent is None:
+            runAgent = self.agentAvailable()
+        if undoTo is not None and not 0 <= int(undoTo) <= s.trajectory.num_steps:
+            raise ValueError(f"undo to step {undoTo}: the trajectory has steps 0..{s.trajectory.num_steps}")
+        if not runAgent and not foreground and not background and undoTo is None and not removeClicks:
+            raise ValueError("place positive or negative points first (or let the agent continue)")
+        params = {
+            "instruction": s.instruction,
+            "slice": s.sliceIndex,
+            "axis": s.axis,
+            "foreground": foreground,
+            "background": background,
+            "max_steps": int(maxSteps),
+            "session_id": s.sessionId,
+            "undo_to": None if undoTo is None else int(undoTo),
+            "remove_clicks": removeClicks,
+            "run_agent": bool(runAgent),
+        }
+        self._status(
+            f"Continuing session {s.sessionId} with {len(foreground)} positive and {len(background)} negative "
+            "points ..."
+        )
+        result, _ = self.client().infer(s.imageId, params, output="json")
+        s.update(result)
+        self.showStep(s.trajectory.num_steps)
+        self._status(self._summary())
+        return s.trajectory
+
+    def _summary(self):
+        s = self.session
+        pixels = int(s.trajectory.final_mask.sum())
+        return (
+            f"Session {s.sessionId}: {s.trajectory.num_steps} steps, stop: {s.stopReason}, final mask {pixels} pixels."
+        )
+
+    # -- markups ----------------------------------------------------------------------------------------------------
+    def markupsNode(self, role):
+        """The module's markups node for `role` (created on first use): trajectory clicks or your input points."""
+        for node in slicer.util.getNodesByClass("vtkMRMLMarkupsFiducialNode"):
+            if node.GetAttribute(self.ROLE_ATTRIBUTE) == role:
+                return node
+        name, color, locked, label = self._MARKUPS[role]
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+        node.SetAttribute(self.ROLE_ATTRIBUTE, role)
+        node.CreateDefaultDisplayNodes()
+        display = node.GetDisplayNode()
+        display.SetSelectedColor(*color)
+        display.SetColor(*color)
+        node.SetLocked(locked)
+        if hasattr(node, "SetControlPointLabelFormat"):
+            node.SetControlPointLabelFormat(label + "%d")
+        else:  # Slicer < 5.2
+            node.SetMarkupLabelFormat(label + "%d")
+        return node
+
+    @staticmethod
+    def _pointsOf(node):
+        out = []
+        for n in range(node.GetNumberOfControlPoints()):
+            position = [0.0, 0.0, 0.0]
+            node.GetNthControlPointPositionWorld(n, position)
+            out.append(position)
+        return out
+
+    def userPoints(self):
+        """(positive, negative) lists of world RAS points placed in the 'my points' markups nodes."""
+        return (
+            self._pointsOf(self.markupsNode(self.ROLE_INPUT_POSITIVE)),
+            self._pointsOf(self.markupsNode(self.ROLE_INPUT_NEGATIVE)),
+        )
+
+    def clearUserPoints(self):
+        for role in (self.ROLE_INPUT_POSITIVE, self.ROLE_INPUT_NEGATIVE):
+            self.markupsNode(role).RemoveAllControlPoints()
+
+    def _showClicks(self, clicks):
+        """Trajectory clicks as markups at the centre of the voxel each clicked pixel indexes."""
+        s = self.session
+        ijkToWorld = self.ijkToRasMatrix(s.volumeNode)
+        for role, positive in ((self.ROLE_CLICKS_POSITIVE, True), (self.ROLE_CLICKS_NEGATIVE, False)):
+            node = self.markupsNode(role)
+            xy = np.asarray([(c.x, c.y) for c in clicks if c.positive == positive], float).reshape(-1, 2)
+            points = ijk_to_ras(pixel_to_voxel_centre(xy, s.axis, s.sliceIndex), ijkToWorld) if len(xy) else []
+            wasModified = node.StartModify()
+            node.RemoveAllControlPoints()
+            for point in points:
+                node.AddControlPointWorld(vtk.vtkVector3d(*[float(v) for v in point]))
+            node.EndModify(wasModified)
+
+    # -- segments ---------------------------------------------------------------------------------------------------
+    @staticmethod
+    def segmentArray(segmentationNode, segmentId, volumeNode):
+        """The segment as a (K, J, I) uint8 array in the volume's geometry (zeros for an empty segment)."""
+        shape = slicer.util.arrayFromVolume(volumeNode).shape[:3]
+        try:
+            array = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
+        except Exception:  # an empty segment cannot be exported in some Slicer versions
+            array = None
+        if array is None or array.shape != shape:
+            return np.zeros(shape, np.uint8)
+        return (array > 0).astype(np.uint8)
+
+    def segmentSliceMask(self, segmentationNode, segmentId, volumeNode, axis, sliceIndex):
+        """HxW bool mask of the segment on one slice (rows/columns as in IBISAgentLib.geometry)."""
+        return kji_slice(self.segmentArray(segmentationNode, segmentId, volumeNode), axis, sliceIndex) > 0
+
+    def previewSegmentId(self, create=True):
+        s = self.session
+        if s is None:
+            return ""
+        segmentation = s.segmentationNode.GetSegmentation()
+        segmentId = segmentation.GetSegmentIdBySegmentName(self.PREVIEW_SEGMENT_NAME)
+        if not segmentId and create:
+            segmentId = segmentation.AddEmptySegment("", self.PREVIEW_SEGMENT_NAME, list(self.PREVIEW_COLOR))
+        return segmentId
+
+    def removePreview(self):
+        s = self.session
+        if s is None or s.segmentationNode is None or s.segmentationNode.GetScene() is None:
+            return
+        segmentId = self.previewSegmentId(create=False)
+        if segmentId:
+            s.segmentationNode.GetSegmentation().RemoveSegment(segmentId)
+
+    def _stepCount(self, count):
+        t = self.session.trajectory
+        return min(max(int(count), 0), t.num_steps)
+
+    def showStep(self, count):
+        """Show the state after the first `count` trajectory steps (0 = initial): its mask in the preview segment on
+        the session slice and its clicks as markups. Returns the last of those steps (None for count 0)."""
+        s = self.session
+        if s is None:
+            raise ValueError("run the agent first")
+        count = self._stepCount(count)
+        mask = s.trajectory.mask_at(count - 1)
+        array = np.zeros(slicer.util.arrayFromVolume(s.volumeNode).shape[:3], np.uint8)
+        write_slice_mask(array, mask, s.axis, s.sliceIndex)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(
+            array, s.segmentationNode, self.previewSegmentId(), s.volumeNode
+        )
+        self._showClicks(s.trajectory.clicks_at(count - 1))
+        return s.trajectory.steps[count - 1] if count else None
+
+    def accept(self, count):
+        """Write the mask after the first `count` steps into the session's segment on the session slice (other
+        slices keep their content). Undoable with `undoAccept` (and with the Segment Editor's undo when it edits
+        this segmentation). Returns the segment id (a new segment is made when none was chosen)."""
+        s = self.session
+        if s is None:
+            raise ValueError("run the agent first")
+        count = self._stepCount(count)
+        mask = s.trajectory.mask_at(count - 1)
+        segmentation = s.segmentationNode.GetSegmentation()
+        created = False
+        if not s.segmentId or segmentation.GetSegment(s.segmentId) is None:
+            name = re.sub(r"^(please\s+)?segment(\s+the)?\s+", "", s.instruction, flags=re.IGNORECASE)[:40]
+            s.segmentId = segmentation.AddEmptySegment("", name or "IBISAgent")
+            created = True
+        self._segmentEditorSaveStateForUndo(s.segmentationNode)
+        before = self.segmentArray(s.segmentationNode, s.segmentId, s.volumeNode)
+        after = before.copy()
+        write_slice_mask(after, mask, s.axis, s.sliceIndex)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(after, s.segmentationNode, s.segmentId, s.volumeNode)
+        self._acceptUndoStack.append((s.segmentationNode.GetID(), s.segmentId, before, s.volumeNode.GetID(), created))
+        self.removePreview()
+        self._status(f"Accepted step {count} into segment {segmentation.GetSegment(s.segmentId).GetName()!r}.")
+        return s.segmentId
+
+    def canUndoAccept(self):
+        return bool(self._acceptUndoStack)
+
+    def undoAccept(self):
+        """Restore the segment as it was before the last `accept`; returns False when there is nothing to undo."""
+        if not self._acceptUndoStack:
+            return False
+        segmentationId, segmentId, before, volumeId, created = self._acceptUndoStack.pop()
+        segmentationNode = slicer.mrmlScene.GetNodeByID(segmentationId)
+        volumeNode = slicer.mrmlScene.GetNodeByID(volumeId)
+        if segmentationNode is None or volumeNode is None:
+            raise ValueError("the segmentation or volume of that accept was removed from the scene")
+        if created:
+            segmentationNode.GetSegmentation().RemoveSegment(segmentId)
+            if self.session is not None and self.session.segmentId == segmentId:
+                self.session.segmentId = ""
+        else:
+            slicer.util.updateSegmentBinaryLabelmapFromArray(before, segmentationNode, segmentId, volumeNode)
+        self._status("Undid the last accept.")
+        return True
+
+    @staticmethod
+    def _segmentEditorSaveStateForUndo(segmentationNode):
+        """Let Ctrl+Z in the Segment Editor undo our write too, when the editor works on this segmentation."""
+        if slicer.app.commandOptions().noMainWindow:
+            return False
+        try:
+            editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+            current = editor.segmentationNode()
+            if current is not None and current.GetID() == segmentationNode.GetID():
+                editor.saveStateForUndo()
+                return True
+        except Exception as exc:  # the Segment Editor's internals differ between Slicer versions; our own undo remains
+            logging.debug(f"IBISAgent: Segment Editor undo state not saved ({exc})")
+        return False
+
+    def forgetSession(self):
+        """Drop the session (e.g. the scene is closing); nodes are left to the scene."""
+        self.session = None
+        self._acceptUndoStack = []
+
+
+#
+# IBISAgentTest
+#
+
+
+class IBISAgentTest(ScriptedLoadableModuleTest):
+    """Runs inside Slicer. The geometry test needs no server; the agent test runs against the server named by the
+    IBISAGENT_SERVER environment variable (e.g. http://127.0.0.1:8000) and is skipped when it is unset."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_IBISAgentLibMatchesSlicer()
+        self.setUp()
+        self.test_IBISAgentOnServer()
+
+    def _loadVolume(self):
+        try:
+            import SampleData
+
+            return SampleData.downloadSample("CTChest")
+        except Exception as exc:  # offline: a synthetic, obliquely oriented volume exercises the same paths
+            self.delayDisplay(f"SampleData CTChest not available ({exc}); using a synthetic volume")
+            k, j, i = np.mgrid[0:40, 0:64, 0:80]
+            array = (1000.0 * np.exp(-((i - 40) ** 2 + (j - 30) ** 2 + (k - 20) ** 2) / 300.0)).astype(np.int16)
+            ijkToRas = np.array([[0.0, 0.8, 0.0, -20.0], [-0.7, 0.0, 0.0, 15.0], [0.0, 0.0, 2.5, -40.0], [0, 0, 0, 1]])
+            return slicer.util.addVolumeFromArray(array, ijkToRAS=ijkToRas, name="IBISAgentSynthetic")
+
+    def test_IBISAgentLibMatchesSlicer(self):
+        """IBISAgentLib's conventions agree with Slicer: IJK->RAS, arrayFromVolume's (K, J, I) layout, the NIfTI
+        writer read back by Slicer, and slice masks written into a segment."""
+        self.delayDisplay("Checking IBISAgentLib conventions against Slicer")
+        volume = self._loadVolume()
+        logic = IBISAgentLogic()
+        ijkToRas = logic.ijkToRasMatrix(volume)
+        image = volume.GetImageData()
+        dims = image.GetDimensions()
+        for ijk in ([0, 0, 0], [dims[0] - 1, 1, dims[2] // 2], [3, dims[1] - 2, dims[2] - 1]):
+            m = vtk.vtkMatrix4x4()
+            volume.GetIJKToRASMatrix(m)
+            ras = m.MultiplyPoint([*ijk, 1.0])[:3]
+            np.testing.assert_allclose(ijk_to_ras(ijk, ijkToRas), ras, atol=1e-6)
+            np.testing.assert_allclose(ras_to_ijk(ras, ijkToRas), ijk, atol=1e-6)
+            array = slicer.util.arrayFromVolume(volume)
+            self.assertEqual(array[ijk[2], ijk[1], ijk[0]], image.GetScalarComponentAsDouble(*ijk, 0))
+
+        # the NIfTI written by IBISAgentLib (what the server receives) reads back identically in Slicer
+        array = slicer.util.arrayFromVolume(volume)
+        with tempfile.TemporaryDirectory() as folder:
+            path = write_nifti(
+                os.path.join(folder, "roundtrip.nii.gz"), array, logic.ijkToRasMatrix(volume, world=False)
+            )
+            loaded = slicer.util.loadVolume(path)
+            np.testing.assert_array_equal(slicer.util.arrayFromVolume(loaded), array)
+            np.testing.assert_allclose(logic.ijkToRasMatrix(loaded), ijkToRas, atol=1e-3)
+            slicer.mrmlScene.RemoveNode(loaded)
+
+        # a slice mask lands where the geometry says: pixel (x, y) of an axis-2 slice s is voxel (x, y, s)
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        segmentation.CreateDefaultDisplayNodes()
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        segmentId = segmentation.GetSegmentation().AddEmptySegment("", "check")
+        h, w = slice_shape(dims, 2)
+        mask = np.zeros((h, w), bool)
+        mask[2:5, 7:12] = True  # rows y 2..4, columns x 7..11
+        labelmap = np.zeros(array.shape, np.uint8)
+        write_slice_mask(labelmap, mask, 2, dims[2] // 2)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(labelmap, segmentation, segmentId, volume)
+        back = logic.segmentArray(segmentation, segmentId, volume)
+        self.assertEqual(int(back.sum()), int(mask.sum()))
+        self.assertEqual(back[dims[2] // 2, 2, 7], 1)  # (k, j=y, i=x)
+        self.delayDisplay("IBISAgentLib conventions match Slicer")
+
+    def test_IBISAgentOnServer(self):
+        url = os.environ.get("IBISAGENT_SERVER")
+        if not url:
+            self.delayDisplay("IBISAGENT_SERVER is not set: skipping the IBISAgent server test")
+            return
+        self.delayDisplay(f"Running IBISAgent against {url}")
+        volume = self._loadVolume()
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        segmentation.CreateDefaultDisplayNodes()
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        segmentId = segmentation.GetSegmentation().AddEmptySegment("", "target")
+        logic = IBISAgentLogic(url)
+        logic.serverInfo()
+        dims = volume.GetImageData().GetDimensions()
+        axis, sliceIndex = 2, dims[2] // 2
+        h, w = slice_shape(dims, axis)
+        centre = [w // 2, h // 2, sliceIndex]  # voxel (i, j, k) = pixel (x, y) of the axis-2 slice
+        centreRas = ijk_to_ras(centre, logic.ijkToRasMatrix(volume))
+
+        if logic.agentAvailable():
+            trajectory = logic.run(volume, sliceIndex, axis, "segment the lung", segmentation, segmentId, maxSteps=3)
+        else:
+            self.delayDisplay("The server has no policy model: starting the session with a positive point (tool only)")
+            trajectory = logic.run(
+                volume, sliceIndex, axis, "segment the lung", segmentation, segmentId, 3, positiveRas=[centreRas]
+            )
+
+        # the preview shows the server's final mask, decoded by IBISAgentLib, on the chosen slice only
+        preview = logic.segmentArray(segmentation, logic.previewSegmentId(create=False), volume)
+        np.testing.assert_array_equal(kji_slice(preview, axis, sliceIndex) > 0, trajectory.final_mask)
+        self.assertEqual(int(preview.sum()), int(trajectory.final_mask.sum()))
+
+        if not trajectory.final_mask.any():
+            # the policy may find nothing; one positive click applied by the tool alone must give a mask
+            self.delayDisplay("The mask is empty; adding a positive point at the slice centre (tool only)")
+            trajectory = logic.continueSession(positiveRas=[centreRas], negativeRas=[], maxSteps=1, runAgent=False)
+        self.assertTrue(trajectory.final_mask.any(), "the final mask is empty")
+
+        # back to the initial state, then only the centre point: one step whose click is the centre voxel's pixel
+        redone = logic.continueSession(positiveRas=[centreRas], negativeRas=[], maxSteps=1, undoTo=0, runAgent=False)
+        self.assertEqual(redone.num_steps, 1)
+        clicks = redone.clicks_at(0)
+        self.assertEqual([(int(c.x), int(c.y), c.positive) for c in clicks], [(centre[0], centre[1], True)])
+        final = redone.final_mask
+        self.assertTrue(final.any(), "the tool gave an empty mask for a positive click")
+
+        logic.accept(redone.num_steps)
+        accepted = logic.segmentArray(segmentation, segmentId, volume)
+        np.testing.assert_array_equal(kji_slice(accepted, axis, sliceIndex) > 0, final)
+        self.assertEqual(int(accepted.sum()), int(final.sum()))  # nothing written on other slices
+        self.assertTrue(logic.undoAccept())
+        self.assertEqual(int(logic.segmentArray(segmentation, segmentId, volume).sum()), 0)
+        self.delayDisplay("IBISAgent server test passed")
