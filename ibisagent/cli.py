@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ibisagent.episode import Episode
-from ibisagent.grammar import DIALECTS, ActionParseError
+from ibisagent.grammar import DIALECTS, ActionParseError, target_from_instruction
 from ibisagent.io import ImageReadError, read_image, read_mask, write_image, write_mask
 from ibisagent.loop import run_episode
 from ibisagent.metrics import dice, iou, noc
@@ -79,14 +79,6 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _target_from_instruction(instruction: str) -> str:
-    text = instruction.strip().rstrip(".?!")
-    for lead in ("please segment the ", "segment the ", "please segment ", "segment ", "find the ", "outline the "):
-        if text.lower().startswith(lead):
-            return text[len(lead) :].strip() or "target"
-    return "target"
-
-
 def _segment(args: argparse.Namespace) -> int:
     if not args.instruction.strip():
         raise UsageError("--instruction is empty; say what to segment, e.g. --instruction 'segment the liver'")
@@ -97,7 +89,7 @@ def _segment(args: argparse.Namespace) -> int:
         )
     image = read_image(args.image, args.slice, args.axis)
     size = image.shape[:2]
-    target = args.target or _target_from_instruction(args.instruction)
+    target = args.target or target_from_instruction(args.instruction)
     initial = {target: read_mask(args.initial_mask, size, args.slice, args.axis)} if args.initial_mask else None
     gt = {target: read_mask(args.gt_mask, size, args.slice, args.axis)} if args.gt_mask else None
     if args.model:

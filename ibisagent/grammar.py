@@ -181,3 +181,12 @@ class Grammar:
         return ParsedOutput(
             think=(think or "").strip(), action=action, answer=None if answer is None else answer.strip(), raw=text
         )
+
+
+def target_from_instruction(instruction: str) -> str:
+    """The target name of a plain instruction ("Segment the liver tumor." -> "liver tumor"); "target" otherwise."""
+    text = instruction.strip().rstrip(".?!")
+    for lead in ("please segment the ", "segment the ", "please segment ", "segment ", "find the ", "outline the "):
+        if text.lower().startswith(lead):
+            return text[len(lead) :].strip() or "target"
+    return "target"

@@ -131,3 +131,11 @@ def test_arbitrary_unicode_never_escapes(text):
             Grammar("ibis").parse(wrapped, SIZE)
         except ActionParseError:
             pass
+
+
+def test_target_from_instruction():
+    from ibisagent.grammar import target_from_instruction
+
+    assert target_from_instruction("Segment the liver tumor.") == "liver tumor"
+    assert target_from_instruction("please segment left kidney") == "left kidney"
+    assert target_from_instruction("Is there a polyp?") == "target"

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from ibisagent.cli import _target_from_instruction
 from ibisagent.episode import Episode, EpisodeState
+from ibisagent.grammar import target_from_instruction
 from ibisagent.io import NIFTI_SUFFIXES, RASTER_SUFFIXES, ImageReadError, read_image
 from ibisagent.loop import run_episode
 from ibisagent.policies.base import Policy
@@ -136,7 +136,7 @@ class IBISAgentTask(InferTask):
             instruction = f"segment the {params.label_name}"
         if instruction is None:
             raise RequestError(400, "params.instruction is missing; say what to segment, e.g. 'segment the liver'")
-        target = params.target or params.label_name or _target_from_instruction(instruction)
+        target = params.target or params.label_name or target_from_instruction(instruction)
         clicks = params.clicks(target, slice_index, axis, (height, width))
         initial = None
         if params.label_file is not None:
