@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ibisagent._compat import ensure_torchvision
+from ibisagent.tools._weights import load_weights, read_state_dict
 from ibisagent.tools.base import SegmentationTool, ToolError, ToolOutput
 from ibisagent.types import Click
 
@@ -97,7 +98,12 @@ class SAM2Tool(SegmentationTool):
             if not medsam2 and "medsam" in Path(checkpoint).name.lower():
                 # MedSAM2 weights load into the 1024 px config without a key mismatch, then segment badly.
                 logger.warning("%s looks like a MedSAM2 checkpoint; use --tool medsam2 (512 px) for it", checkpoint)
-            _load_weights(model, _read_state_dict(checkpoint, torch), checkpoint, tool_name, config_name)
+            load_weights(
+                model,
+                read_state_dict(checkpoint, torch, "SAM2"),
+                f"{checkpoint!r} does not match {tool_name} built from {config_name}",
+                _suggest,
+            )
         model = model.to(device).eval()
         return cls(model, name=tool_name, always_multimask=always_multimask)
 
@@ -172,34 +178,6 @@ def resolve_config(config: str | None) -> str:
             f"use one of: {', '.join(shipped)}"
         )
     return name
-
-
-def _read_state_dict(checkpoint: str, torch) -> dict:
-    try:
-        sd = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, or pickled objects that weights_only refuses
-        raise ToolError(f"could not read SAM2 checkpoint {checkpoint!r}: {type(e).__name__}: {e}") from e
-    if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
-        sd = sd["model"]
-    if not isinstance(sd, dict):
-        raise ToolError(
-            f"SAM2 checkpoint {checkpoint!r} holds a {type(sd).__name__}, expected a state dict (or one under 'model')"
-        )
-    return sd
-
-
-def _load_weights(model, sd: dict, checkpoint: str, tool_name: str, config_name: str) -> None:
-    where = f"{checkpoint!r} does not match {tool_name} built from {config_name}"
-    try:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:  # shape mismatches raise even with strict=False
-        detail = "; ".join(line.strip() for line in str(e).splitlines()[1:4])
-        raise ToolError(f"{where}: {detail}. {_suggest(sd)}") from e
-    if missing or unexpected:
-        raise ToolError(
-            f"{where}: missing keys {list(missing)[:4]} ({len(missing)} in all), "
-            f"unexpected keys {list(unexpected)[:4]} ({len(unexpected)} in all). {_suggest(sd)}"
-        )
 
 
 def _suggest(sd: dict) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ibisagent._compat import ensure_torchvision
+from ibisagent.tools._weights import load_weights, read_state_dict
 from ibisagent.tools.base import SegmentationTool, ToolError, ToolOutput
 from ibisagent.types import Click
 
@@ -90,7 +91,12 @@ class SAMTool(SegmentationTool):
                 "%s: no checkpoint given, using RANDOM weights (%s); this is for tests only", tool_name, model_type
             )
         else:
-            _load_weights(model, _read_state_dict(checkpoint, torch), checkpoint, tool_name, model_type)
+            load_weights(
+                model,
+                read_state_dict(checkpoint, torch, "SAM"),
+                f"{checkpoint!r} does not match {tool_name} {model_type}",
+                _suggest,
+            )
         model = model.to(device).eval()
         return cls(model, medsam=medsam, always_multimask=always_multimask)
 
@@ -176,34 +182,6 @@ def _medsam_preprocess(image: np.ndarray, size: int) -> np.ndarray:
     resized = transform.resize(image, (size, size), order=3, preserve_range=True, anti_aliasing=True).astype(np.uint8)
     lo, hi = resized.min(), resized.max()
     return ((resized - lo) / np.clip(hi - lo, 1e-8, None)).astype(np.float32)
-
-
-def _read_state_dict(checkpoint: str, torch) -> dict:
-    try:
-        sd = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, or pickled objects that weights_only refuses
-        raise ToolError(f"could not read SAM checkpoint {checkpoint!r}: {type(e).__name__}: {e}") from e
-    if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
-        sd = sd["model"]
-    if not isinstance(sd, dict):
-        raise ToolError(
-            f"SAM checkpoint {checkpoint!r} holds a {type(sd).__name__}, expected a state dict (or one under 'model')"
-        )
-    return sd
-
-
-def _load_weights(model, sd: dict, checkpoint: str, tool_name: str, model_type: str) -> None:
-    where = f"{checkpoint!r} does not match {tool_name} {model_type}"
-    try:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:  # shape mismatches raise even with strict=False
-        detail = "; ".join(line.strip() for line in str(e).splitlines()[1:4])
-        raise ToolError(f"{where}: {detail}. {_suggest(sd)}") from e
-    if missing or unexpected:
-        raise ToolError(
-            f"{where}: missing keys {list(missing)[:4]} ({len(missing)} in all), "
-            f"unexpected keys {list(unexpected)[:4]} ({len(unexpected)} in all). {_suggest(sd)}"
-        )
 
 
 def _suggest(sd: dict) -> str:
