@@ -67,6 +67,8 @@ class Episode:
             )
         ]
         self.actions: list[Action] = []
+        # history indices of the states that undo can return to, oldest first: a click pushes, an undo pops.
+        self._undoable: list[int] = [0]
 
     # -- state -------------------------------------------------------------------------------------------
     @property
@@ -98,12 +100,20 @@ class Episode:
 
     # -- transitions -------------------------------------------------------------------------------------
     def apply(self, action: Action) -> EpisodeState:
-        """Apply clicks (each touched target re-segmented from all its clicks and previous logits) or an undo.
-        A terminate action changes nothing."""
+        """Apply clicks (each touched target re-segmented from all its clicks and previous logits), an undo, or a
+        terminate (which changes nothing).
+
+        Undo returns to the state before the latest click action still in effect (undo twice: two clicks back).
+        With no click left to revert, it discards the initial masks (in refinement mode the user's mask is the
+        latest change: the agent rejects a mask of the wrong structure this way); otherwise it changes nothing."""
         self.actions.append(action)
         if action.undo:
-            # Undo reverts the state before the previous action, keeping the record of what happened.
-            self.history.append(self.history[-2] if len(self.history) > 1 else self.history[-1])
+            if len(self._undoable) > 1:
+                self._undoable.pop()
+                self.history.append(self.history[self._undoable[-1]])
+            else:
+                self.history.append(self._discarded(self.state))
+                self._undoable = [len(self.history) - 1]
             return self.state
         if action.terminate:
             self.history.append(self.state)
@@ -119,7 +129,19 @@ class Episode:
         for target in clicks:
             masks.setdefault(target, np.zeros((h, w), bool))
         self.history.append(EpisodeState(clicks, logits, masks, scores))
+        self._undoable.append(len(self.history) - 1)
         return self.state
+
+    def _discarded(self, state: EpisodeState) -> EpisodeState:
+        """`state` without its masks and logits (clicks kept: there are none when nothing is left to undo)."""
+        h, w = self.image_size
+        names = list(state.masks)
+        return EpisodeState(
+            clicks=dict(state.clicks),
+            logits={t: None for t in names},
+            masks={t: np.zeros((h, w), bool) for t in names},
+            scores={t: 0.0 for t in names},
+        )
 
     def undo_to(self, step: int) -> EpisodeState:
         """Restore the state after `step` actions (0 = the initial state) and forget later actions: the caller
@@ -128,7 +150,20 @@ class Episode:
             raise ValueError(f"cannot undo to step {step}; the episode has steps 0..{self.step}")
         del self.history[step + 1 :]
         del self.actions[step:]
+        self._undoable = self._replay_undoable()
         return self.state
+
+    def _replay_undoable(self) -> list[int]:
+        undoable = [0]
+        for i, action in enumerate(self.actions, start=1):
+            if action.clicks:
+                undoable.append(i)
+            elif action.undo:
+                if len(undoable) > 1:
+                    undoable.pop()
+                else:
+                    undoable = [i]
+        return undoable
 
     def stop_reason(self) -> str | None:
         """Why the episode must stop now, or None. Checked after each action."""

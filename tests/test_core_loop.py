@@ -168,6 +168,32 @@ def test_undo_action_and_backtrack(fake_tool):
         ep.undo_to(3)
 
 
+def test_repeated_undo_walks_back_click_by_click(fake_tool):
+    ep = Episode(fake_tool, IMAGE, ["t"], repeat_limit=0)
+    a, b = Click(80.5, 60.5, True, "t"), Click(10.5, 10.5, True, "t")
+    ep.apply(Action((a,)))
+    after_a = ep.state.masks["t"].copy()
+    ep.apply(Action((b,)))
+    ep.apply(Action(undo=True))
+    assert ep.state.clicks["t"] == (a,) and np.array_equal(ep.state.masks["t"], after_a)
+    ep.apply(Action(undo=True))  # a second undo reverts the first click too, it does not redo the second
+    assert ep.state.clicks["t"] == () and not ep.state.masks["t"].any()
+    ep.apply(Action(undo=True))  # nothing left: no change
+    assert ep.state.clicks["t"] == () and not ep.state.masks["t"].any()
+    ep.undo_to(2)  # back to "a then b", and undo continues from there
+    ep.apply(Action(undo=True))
+    assert ep.state.clicks["t"] == (a,)
+
+
+def test_undo_discards_a_wrong_initial_mask(fake_tool):
+    wrong = disk(20, 20, 10)
+    ep = Episode(fake_tool, IMAGE, ["t"], initial_masks={"t": wrong})
+    ep.apply(Action(undo=True))
+    assert not ep.union_mask().any() and ep.state.logits["t"] is None
+    ep.apply(Action((Click(80.5, 60.5, True, "t"),)))
+    assert not (ep.state.masks["t"] & wrong).any()  # the discarded mask is not fed back as a prior
+
+
 def test_refinement_mode_initial_mask(fake_tool):
     init = disk(60, 80, 10)
     ep = Episode(fake_tool, IMAGE, ["t"], initial_masks={"t": init})
