@@ -12,12 +12,23 @@ from scipy import ndimage
 from ibisagent.types import DEFAULT_TARGET, Click
 
 
-def _inner_distance(region: np.ndarray, excluded: np.ndarray) -> np.ndarray:
-    """Euclidean distance of each region pixel to the nearest non-region pixel, the image border counting as
-    outside (so a region touching the border is not favoured) and already-clicked pixels counting as outside."""
+def _deepest(region: np.ndarray, excluded: np.ndarray) -> tuple[float, int, int]:
+    """(depth, row, col) of the region pixel farthest (Euclidean) from any non-region pixel, the image border counting
+    as outside (so a region touching the border is not favoured) and already-clicked pixels counting as outside.
+    Depth 0 when the region is empty. Ties go to the first pixel in row-major order.
+
+    The distance transform runs on the region's bounding box plus a one-pixel margin, which is exact: every pixel
+    outside the box is outside the region, and the margin lies between it and any such pixel.
+    """
     region = region & ~excluded
-    padded = np.pad(region, 1, constant_values=False)
-    return ndimage.distance_transform_edt(padded)[1:-1, 1:-1]
+    rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+    if rows.size == 0:
+        return 0.0, 0, 0
+    r0, c0 = rows[0], cols[0]
+    crop = np.pad(region[r0 : rows[-1] + 1, c0 : cols[-1] + 1], 1, constant_values=False)
+    depth = ndimage.distance_transform_edt(crop)[1:-1, 1:-1]
+    r, c = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    return float(depth[r, c]), int(r0 + r), int(c0 + c)
 
 
 def next_click(
@@ -36,13 +47,12 @@ def next_click(
     excluded = np.zeros(gt.shape, bool)
     for c in clicked:
         excluded[c.pixel(*gt.shape)] = True
-    fn = _inner_distance(gt & ~pred, excluded)
-    fp = _inner_distance(pred & ~gt, excluded)
-    fn_max, fp_max = float(fn.max(initial=0.0)), float(fp.max(initial=0.0))
+    fn_max, fn_row, fn_col = _deepest(gt & ~pred, excluded)
+    fp_max, fp_row, fp_col = _deepest(pred & ~gt, excluded)
     if max(fn_max, fp_max) <= 0:
         return None
     positive = fn_max >= fp_max
-    row, col = np.unravel_index(int(np.argmax(fn if positive else fp)), gt.shape)
+    row, col = (fn_row, fn_col) if positive else (fp_row, fp_col)
     return Click(col + 0.5, row + 0.5, positive, target)
 
 
