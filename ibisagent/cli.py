@@ -1,4 +1,5 @@
-"""The `ibisagent` command line: `segment` one image with an instruction, `oracle` a BiomedParse folder."""
+"""The `ibisagent` command line: `segment` one image with an instruction, `oracle` a BiomedParse folder, `eval` a
+policy and baselines over a benchmark."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ibisagent.episode import Episode
+from ibisagent.evaluation.benchmarks import CT_WINDOWS, FORMATS, JSON_SCHEMA, BenchmarkError
 from ibisagent.grammar import DIALECTS, ActionParseError, target_from_instruction
 from ibisagent.io import ImageReadError, read_image, read_mask, write_image, write_mask
 from ibisagent.loop import run_episode
@@ -39,6 +41,33 @@ def _add_tool_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="torch device for model tools and the VLM (cpu, cuda, cuda:1)")
 
 
+def _add_vlm_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--dialect", choices=DIALECTS, default="ibis", help="action grammar: ibis (paper) or released")
+    g.add_argument(
+        "--history", choices=("full", "current"), default="full", help="VLM context: all turns or the current one"
+    )
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-new-tokens", type=int, default=512, help="VLM tokens per turn at most (default 512)")
+
+
+def _vlm_policy(args: argparse.Namespace):
+    """The Hugging Face VLM policy of --model and the options of `_add_vlm_args`."""
+    from ibisagent.policies.hf_vlm import HFVLMPolicy
+
+    return HFVLMPolicy.from_pretrained(
+        args.model,
+        dialect=args.dialect,
+        history=args.history,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        device=args.device,
+    )
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ibisagent", description="Agentic interactive biomedical segmentation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,13 +85,7 @@ def _build_parser() -> argparse.ArgumentParser:
     pol.add_argument("--model", help="Qwen2.5-VL-compatible checkpoint: local folder or hub id")
     pol.add_argument("--gt-mask", help="ground-truth mask: run the oracle policy (upper bound; also scores each step)")
     pol.add_argument("--replay", help="trajectory JSON to play back")
-    pol.add_argument("--dialect", choices=DIALECTS, default="ibis", help="action grammar: ibis (paper) or released")
-    pol.add_argument(
-        "--history", choices=("full", "current"), default="full", help="VLM context: all turns or the current one"
-    )
-    pol.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    pol.add_argument("--temperature", type=float, default=1.0)
-    pol.add_argument("--seed", type=int, default=0)
+    _add_vlm_args(pol)
     seg.add_argument("--max-steps", type=int, default=20, help="step limit (default 20)")
     seg.add_argument("--out", default="ibisagent-out", help="output folder (mask.png, trajectory.json, step_XX.png)")
     seg.add_argument("--profile", action="store_true", help="print the time per step: policy, parse, tool, render")
@@ -76,6 +99,54 @@ def _build_parser() -> argparse.ArgumentParser:
     ora.add_argument("--markdown", help="write the per-modality table as Markdown here")
     ora.add_argument("--csv", help="write per-mask rows as CSV here")
     _add_tool_args(ora)
+
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a policy and baselines over a benchmark: tables, plots, an HTML report",
+        description="Run the agent (--model) and/or baselines (--baselines) with a segmentation tool over a benchmark; "
+        "write results.csv, summary.md/.csv, plots and report.html into --out.",
+        epilog="JSON benchmark schema (--format json):\n\n" + JSON_SCHEMA,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ev.add_argument(
+        "benchmark",
+        help="a BiomedParse split folder, a JSON/JSONL list (schema below), or volumes: an .npz file/folder "
+        "(imgs, gts) or NIfTI volume(s) with labels",
+    )
+    ev.add_argument("--format", default="auto", choices=FORMATS, help="benchmark kind (default: from the path)")
+    ev.add_argument("--out", required=True, help="output folder (results.csv, summary.md, report.html, ...)")
+    ev.add_argument("--model", help="the agent: a Qwen2.5-VL-compatible checkpoint, local folder or hub id")
+    ev.add_argument(
+        "--baselines",
+        default="",
+        help="comma-separated, any of oracle (oracle clicks, the upper bound), box (the tool with the gt box, given "
+        "as its centre + 4 outside-corner clicks), center (the tool with one click at the gt's deepest pixel)",
+    )
+    ev.add_argument("--max-steps", type=int, default=20, help="step limit of the agent and the oracle (default 20)")
+    ev.add_argument("--max-invalid", type=int, default=1, help="end an episode after N unusable outputs in a row")
+    ev.add_argument("--oracle-stop-iou", type=float, default=0.9, help="the oracle stops at this IoU (default 0.9)")
+    ev.add_argument("--limit", type=int, help="only the first N cases")
+    ev.add_argument("--max-side", type=int, help="downscale images (and masks) to this longer side first")
+    ev.add_argument("--resume", action="store_true", help="continue the run in --out: only missing cases are run")
+    ev.add_argument("--html-cases", type=int, help="per-case sections in report.html at most (default: all)")
+    ev.add_argument("--thumb", type=int, default=256, help="thumbnail size in report.html, pixels (default 256)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench = ev.add_argument_group("benchmark options")
+    bench.add_argument("--image-root", help="JSON: folder that relative paths start from (default: the JSON's)")
+    bench.add_argument("--modality", help="JSON: modality of entries without one (unknown); volumes: (CT)")
+    bench.add_argument("--labels", help="NIfTI: the label volume (or folder) of the image volume (or folder)")
+    bench.add_argument(
+        "--slices", default="largest", help="volumes: largest | largest:N | every:K | all (labelled slices)"
+    )
+    bench.add_argument(
+        "--window",
+        default="soft-tissue",
+        help=f"volumes: CT window for NIfTI/non-uint8 images: {', '.join(CT_WINDOWS)}, percentile or LO,HI",
+    )
+    bench.add_argument("--target", default="lesion", help="volumes: target name in the question (default lesion)")
+    bench.add_argument("--label-value", type=int, help="volumes: the foreground label (default: every label > 0)")
+    _add_vlm_args(ev.add_argument_group("agent policy (with --model)"))
+    _add_tool_args(ev)
     return parser
 
 
@@ -93,17 +164,7 @@ def _segment(args: argparse.Namespace) -> int:
     initial = {target: read_mask(args.initial_mask, size, args.slice, args.axis)} if args.initial_mask else None
     gt = {target: read_mask(args.gt_mask, size, args.slice, args.axis)} if args.gt_mask else None
     if args.model:
-        from ibisagent.policies.hf_vlm import HFVLMPolicy
-
-        policy = HFVLMPolicy.from_pretrained(
-            args.model,
-            dialect=args.dialect,
-            history=args.history,
-            do_sample=args.sample,
-            temperature=args.temperature,
-            seed=args.seed,
-            device=args.device,
-        )
+        policy = _vlm_policy(args)
     elif gt is not None:
         from ibisagent.policies import OraclePolicy
 
@@ -209,6 +270,82 @@ def _oracle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from ibisagent.evaluation import agent_method, baseline_methods, evaluate, load_benchmark, write_report
+    from ibisagent.evaluation.runner import write_run_info
+
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    if not args.model and not baselines:
+        raise UsageError(
+            "nothing to evaluate: give the agent (--model <checkpoint>) and/or --baselines oracle,box,center"
+        )
+    for name, value, low in (("--max-steps", args.max_steps, 1), ("--max-invalid", args.max_invalid, 1)):
+        if value < low:
+            raise UsageError(f"{name} must be at least {low}, got {value}")
+    if not 0 < args.oracle_stop_iou <= 1:
+        raise UsageError(f"--oracle-stop-iou must be in (0, 1], got {args.oracle_stop_iou}")
+    if args.thumb < 32:
+        raise UsageError(f"--thumb must be at least 32 pixels, got {args.thumb}")
+    fmt, cases = load_benchmark(
+        args.benchmark,
+        args.format,
+        limit=args.limit,
+        max_side=args.max_side,
+        image_root=args.image_root,
+        modality=args.modality,
+        labels=args.labels,
+        slices=args.slices,
+        window=args.window,
+        target=args.target,
+        label_value=args.label_value,
+    )
+    methods = baseline_methods(baselines, args.max_steps, args.oracle_stop_iou)  # checks the names before loading
+    if args.model:
+        methods.insert(0, agent_method(_vlm_policy(args), args.max_steps, f"{args.model} ({args.dialect} dialect)"))
+    tool = build_tool(args.tool, args.checkpoint, args.tool_config, args.device)
+    settings = {
+        k: getattr(args, k)
+        for k in ("max_side", "slices", "window", "label_value", "image_root", "labels", "oracle_stop_iou", "model")
+    }
+    info = write_run_info(
+        args.out,
+        {
+            "benchmark": str(Path(args.benchmark).resolve()),
+            "format": fmt,
+            "tool": args.tool,
+            "checkpoint": args.checkpoint,
+            "tool_config": args.tool_config,
+            "max_steps": args.max_steps,
+            "noc_max": args.max_steps,
+            "settings": settings,
+            "method_labels": {m.name: m.label for m in methods},
+            "cases": len(cases),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": "ibisagent " + " ".join(sys.argv[1:]),
+        },
+        args.resume,
+    )
+    print(
+        f"eval: {len(cases)} cases ({fmt}) x {', '.join(m.name for m in methods)} with the {args.tool} tool -> {args.out}"
+    )
+    rows = evaluate(
+        cases,
+        methods,
+        tool,
+        args.out,
+        noc_max=args.max_steps,
+        max_invalid=args.max_invalid,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    paths = write_report(args.out, cases, rows, [m.name for m in methods], info, args.thumb, args.html_cases)
+    print(Path(paths["summary.md"]).read_text().split("## Per modality")[0].split("## Overall")[-1].strip())
+    failures = sum(1 for r in rows if r["failure"])
+    print(f"{failures} failure(s) in {len(rows)} case x method rows; see results.csv" if failures else "no failures")
+    print(f"wrote {', '.join(sorted(paths))}, results.csv, masks/ and trajectories/ in {args.out}")
+    return 0
+
+
 def _table(rows: list[dict]) -> str:
     groups = defaultdict(list)
     for r in rows:
@@ -229,8 +366,8 @@ def _table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
-        return _segment(args) if args.command == "segment" else _oracle(args)
-    except (UsageError, ImageReadError, ToolError, ActionParseError, FileNotFoundError) as exc:
+        return {"segment": _segment, "oracle": _oracle, "eval": _eval}[args.command](args)
+    except (UsageError, BenchmarkError, ImageReadError, ToolError, ActionParseError, FileNotFoundError) as exc:
         print(f"ibisagent: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
