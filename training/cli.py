@@ -1,53 +1,94 @@
-"""The `ibisagent-train` command line."""
+"""The `ibisagent-train` command line: data (trajectories, stats, coco-json) and training (sft)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 
+def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
+    """One `--option` per dataclass field (underscores as dashes), with the field's help text and default."""
+    for f in dataclasses.fields(cls):
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        name = "--" + f.name.replace("_", "-")
+        helptext = f.metadata.get("help", "")
+        if kind.startswith("bool"):
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=helptext)
+            continue
+        conv = int if kind.startswith("int") else float if kind.startswith("float") else str
+        parser.add_argument(name, type=conv, default=f.default, help=f"{helptext} (default: {f.default})")
+
+
+def _from_args(cls, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
 def _trajectories(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from ibisagent_training.generate import GenerateConfig, Shard, generate
 
-    from ibisagent.datasets import list_biomedparse
-    from ibisagent.episode import Episode
-    from ibisagent.io import read_image, read_mask
-    from ibisagent.loop import run_episode
-    from ibisagent.policies import OraclePolicy
-    from ibisagent.tools import build_tool
-
-    samples = list_biomedparse(args.folder)[: args.limit]
-    tool = build_tool(args.tool, args.checkpoint)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w") as f:
-        for s in tqdm(samples, desc="trajectories", unit="mask", file=sys.stderr):
-            image = read_image(s.image)
-            gt = {s.target: read_mask(s.mask, image.shape[:2])}
-            episode = Episode(tool, image, [s.target], max_steps=args.max_steps)
-            traj = run_episode(OraclePolicy(gt, iou_threshold=args.stop_iou), episode, f"segment the {s.target}", gt=gt)
-            traj.meta.update({"image": str(s.image), "mask": str(s.mask), "modality": s.modality, "site": s.site})
-            f.write(json.dumps(traj.to_dict()) + "\n")
-    print(f"wrote {len(samples)} trajectories to {out}")
+    config = _from_args(GenerateConfig, args)
+    summary = generate(args.root, args.out, config, Shard.parse(args.shard), args.split, args.limit)
+    print(json.dumps(summary, indent=1))
     return 0
 
 
+def _stats(args: argparse.Namespace) -> int:
+    from ibisagent_training.generate import merge_stats, run_summary, stats_markdown
+
+    for by in args.by:
+        stats = merge_stats(args.folder, by)
+        print(stats_markdown(stats, by) + "\n")
+        if args.json:
+            Path(args.json).with_suffix(f".{by}.json").write_text(json.dumps(stats, indent=1))
+    summary = run_summary(args.folder)
+    print("records:", ", ".join(f"{k} {v}" for k, v in sorted(summary["counts"].items())))
+    total = sum(summary["seconds"].values()) or 1.0
+    print("seconds:", ", ".join(f"{k} {v:.1f} ({100 * v / total:.0f}%)" for k, v in summary["seconds"].items()))
+    return 0
+
+
+def _coco_json(args: argparse.Namespace) -> int:
+    from ibisagent_training.data import write_coco_json
+
+    print(f"wrote {write_coco_json(args.split_folder, args.out)}")
+    return 0
+
+
+def _sft(argv: list[str]) -> int:
+    from ibisagent_training.sft import main as sft_main
+
+    return sft_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from ibisagent_training.generate import GenerateConfig
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sft"]:  # its options come from trl's parser (dataclasses + yaml), see `ibisagent-train sft --help`
+        return _sft(argv[1:])
     parser = argparse.ArgumentParser(prog="ibisagent-train", description="IBISAgent training: data, SFT and RL.")
     sub = parser.add_subparsers(dest="command", required=True)
-    tr = sub.add_parser("trajectories", help="simulate oracle click trajectories over a BiomedParse folder (JSONL)")
-    tr.add_argument("folder", help="BiomedParse split folder")
-    tr.add_argument("--out", required=True, help="output JSONL file, one trajectory per line")
-    tr.add_argument("--tool", default="classical")
-    tr.add_argument("--checkpoint")
-    tr.add_argument("--max-steps", type=int, default=20)
-    tr.add_argument("--stop-iou", type=float, default=0.9)
-    tr.add_argument("--limit", type=int)
+    tr = sub.add_parser("trajectories", help="simulate click trajectories over BiomedParse data (resumable, shardable)")
+    tr.add_argument("root", help="a BiomedParse split folder, dataset folder, or a folder of dataset folders")
+    tr.add_argument("--out", required=True, help="output folder (trajectories-<i>-of-<n>.jsonl, problems-*.jsonl)")
+    tr.add_argument("--shard", default="0/1", help="i/n: take every n-th image starting at i (default 0/1)")
+    tr.add_argument("--split", help="split name (e.g. train); default: the one split found")
+    tr.add_argument("--limit", type=int, help="at most this many masks of the shard")
+    add_dataclass_args(tr, GenerateConfig)
+    st = sub.add_parser("stats", help="trajectory statistics per modality and dataset group (paper Tab. 6/11)")
+    st.add_argument("folder", help="an output folder of `trajectories`")
+    st.add_argument("--by", nargs="+", default=["modality", "group"], choices=["modality", "group"])
+    st.add_argument("--json", help="also write the tables as <json>.<by>.json")
+    cj = sub.add_parser("coco-json", help="write a split's COCO-style <split>.json from its file names")
+    cj.add_argument("split_folder")
+    cj.add_argument("--out", help="output path (default: <dataset>/<split>.json)")
+    sub.add_parser("sft", help="cold-start SFT with trl (see `ibisagent-train sft --help`)")
     args = parser.parse_args(argv)
     try:
-        return _trajectories(args)
+        return {"trajectories": _trajectories, "stats": _stats, "coco-json": _coco_json}[args.command](args)
     except (FileNotFoundError, ValueError) as exc:
         print(f"ibisagent-train: error: {exc}", file=sys.stderr)
         return 2
