@@ -1,14 +1,32 @@
-"""The weight-free classical click tool, the default where no checkpoint is configured.
+"""The weight-free classical click tool: the default tool where no checkpoint is configured.
 
-Per image (`_encode`): CIELAB (or grey) features and gradient magnitudes on a 4-level pyramid. Per click
-(`_predict`): the first positive click grows a region from geodesic distances on the gradient map; later clicks
-re-segment only a zone around the new click with a random walker seeded by all clicks and the previous mask, so a
-click corrects locally and leaves earlier corrections alone; a thin band at full resolution refines the boundary.
-The returned logits are the mask at low resolution; the tool recognises its own logits and restores the full mask.
+Per image (`set_image`): colour features (CIELAB, or grey x 100 for grey images), a lightly smoothed copy for the
+random walker and gradient magnitudes, each on a 4-level pyramid (full resolution and three halvings).
+
+Per click (`predict`), the click decides a region it may claim and the labels nearby are then re-solved:
+
+1. Reach. The first positive click measures the object's radius by casting rays from the click until the colour
+   leaves the seed's range (the tolerance adapts to the image's noise and the seed's spread). A later click's reach
+   is the distance to the current mask's boundary (how deep the click lies in the error), capped for a positive
+   click by the same ray radius.
+2. Claim. Geodesic distances from the click on an edge-cost map (1 + (gradient / local scale)^2), computed on the
+   pyramid level where the window fits in `window` pixels, give the pixels within reach; clicks of the opposite
+   label compete for pixels (each pixel goes to the geodesically nearer click), and a correction may not spread
+   further than a slab around the label it corrects. The claimed pixels take the click's label.
+3. Re-solve. The first click refines its boundary in a thin band at full resolution with a random walker. A later
+   click re-solves only a zone around itself (near the mask boundary and within a radius that grows with the
+   reach) with a random walker seeded by all clicks and by the labels outside the zone, so a click corrects
+   locally and leaves earlier corrections alone; a band at full resolution then refines the zone's boundary.
+
+The logits returned are the mask at 256x256 (+-10); the tool remembers its recent masks by their logits and
+restores the full-resolution mask when such logits come back as `prev_logits` (others are upsampled).
 """
+
+from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
@@ -19,113 +37,255 @@ from skimage.color import rgb2lab
 from skimage.graph import MCP_Geometric
 
 from ibisagent.tools.base import SegmentationTool, ToolOutput
+from ibisagent.types import Click
 
-NLEV = 4
-
-
-def _down2(a):
-    return 0.25 * (a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2])
-
-
-def _random_walk(feat, fixed, fixed_val, beta, prior=None, lam=0.0, pct=None):
-    h, w = feat.shape[:2]
-    n = h * w
-    dh = ((feat[:, 1:] - feat[:, :-1]) ** 2).sum(-1)
-    dv = ((feat[1:] - feat[:-1]) ** 2).sum(-1)
-    d = np.r_[dh.ravel(), dv.ravel()]
-    scale = (d.mean() if pct is None else np.percentile(d, pct)) + 1e-6
-    wt = np.exp(-beta * d / scale) + 1e-4
-    idx = np.arange(n).reshape(h, w)
-    i = np.r_[idx[:, :-1].ravel(), idx[:-1].ravel()]
-    j = np.r_[idx[:, 1:].ravel(), idx[1:].ravel()]
-    fixed = fixed.ravel()
-    fval = fixed_val.ravel().astype(np.float64)
-    unk = ~fixed
-    nu = int(unk.sum())
-    if nu == 0:
-        return fval.reshape(h, w)
-    pos = np.full(n, -1)
-    pos[unk] = np.arange(nu)
-    deg = np.bincount(i, wt, n) + np.bincount(j, wt, n)
-    diag = deg[unk].copy()
-    rhs = np.zeros(nu)
-    if prior is not None and lam > 0:
-        lamv = lam * wt.mean()
-        diag += lamv
-        rhs += lamv * prior.ravel()[unk]
-    uu = unk[i] & unk[j]
-    rows = np.r_[pos[i[uu]], pos[j[uu]], np.arange(nu)]
-    cols = np.r_[pos[j[uu]], pos[i[uu]], np.arange(nu)]
-    vals = np.r_[-wt[uu], -wt[uu], diag]
-    a_fs = unk[i] & fixed[j]
-    rhs += np.bincount(pos[i[a_fs]], wt[a_fs] * fval[j[a_fs]], nu)
-    b_fs = unk[j] & fixed[i]
-    rhs += np.bincount(pos[j[b_fs]], wt[b_fs] * fval[i[b_fs]], nu)
-    A = sp.csc_matrix((vals, (rows, cols)), shape=(nu, nu))
-    x = spl.spsolve(A, rhs, permc_spec="MMD_AT_PLUS_A")
-    out = fval.copy()
-    out[unk] = x
-    return out.reshape(h, w)
+_LEVELS = 4  # pyramid levels: full resolution and three halvings
+_MEMORY = 32  # how many recent masks are remembered by their logits
+_RAYS = 64  # rays cast to measure the first click's object radius
 
 
-def _resize(a, w, h):
-    return np.asarray(Image.fromarray(a.astype(np.float32)).resize((w, h), Image.BILINEAR))
+@dataclass(frozen=True)
+class ClassicalParams:
+    """Tuned constants of the classical tool (measured with `benchmarks/bench_classical_tool.py`).
+
+    Lengths are pixels of the full-resolution image; colour distances are in CIELAB units (grey: intensity x 100).
+    """
+
+    window: int = 128  # claim and zone solvers run on the pyramid level where their window is at most this wide
+    seed_sigma: float = 1.5  # Gaussian sigma of the features the ray radius compares with the seed
+    seed_tol_noise: float = 8.0  # ray tolerance: this many times the image's noise level ...
+    seed_tol_spread: float = 8.0  # ... plus this many times the colour spread around the click
+    first_scale: float = 1.5  # first click's reach = first_scale * ray radius + first_offset
+    first_offset: float = 4.0
+    reach_scale: float = 2.0  # later click's reach = reach_scale * depth in the error + reach_offset
+    reach_offset: float = 6.0
+    edge_scale: float = 2.0  # geodesic cost 1 + (gradient / (edge_scale * local median gradient))^2
+    window_margin: float = 1.2  # claim window half-width = window_margin * reach + 4
+    slab_scale: float = 2.5  # a correction claims only within slab_scale * depth + slab_offset of the label it fixes
+    slab_offset: float = 2.0
+    zone_scale: float = 6.0  # zone radius around a later click = zone_scale * depth + zone_offset
+    zone_offset: float = 24.0
+    zone_band_min: float = 4.0  # zone pixels lie within clip(depth, min, max) of the mask boundary
+    zone_band_max: float = 400.0
+    rw_beta: float = 4.0  # random-walker edge weight exp(-rw_beta * |df|^2 / mean |df|^2)
+    rw_sigma: float = 1.0  # Gaussian sigma of the random walker's features
+    band: int = 3  # full-resolution boundary band half-width (plus the coarse level's pixel size)
+
+
+DEFAULT_PARAMS = ClassicalParams()
 
 
 class ClassicalTool(SegmentationTool):
-    """Classical interactive segmentation (no weights). The keyword arguments are tuning constants measured with
-    `benchmarks/bench_classical_tool.py`; the defaults are the measured best."""
+    """Classical interactive segmentation without weights (geodesic claims + local random walker).
+
+    params: the tuned constants; the defaults are the measured best. Deterministic: the same image and clicks give
+    the same mask.
+    """
 
     name = "classical"
 
-    def __init__(self, *, size=128, beta=8.0, wa=2.0, wb=6, k=8.0, alpha=1.0, gamma=2.0, gs=2.0, wmul=1.2,
-                 fa=1.5, fb=4, za=4.0, zb=12, zw=1.0, zwmin=4, zwmax=400, band=3, rwsm=1.0, zsize=128,
-                 lam=0.0, mode="zone", firstmode="band", capstar=True, thr=0.5, sd=0.0, ssm=1.5, ks=8.0, vor=1.0, capobj=0.0, core=0.0, colour=0.0, slab=0.0, slabb=2.0, asym=False, a1=2.5, b1=3.0, a2=0.5, b2=3.0, pct=None, fchoices=None, fsel_tol=1.0, lchoices=None):
-        self.lchoices = lchoices
-        self.fchoices, self.fsel_tol = fchoices, fsel_tol
-        self.pct = pct
-        self.asym, self.a1, self.b1, self.a2, self.b2 = asym, a1, b1, a2, b2
-        self.slab, self.slabb = slab, slabb
-        self.vor, self.capobj, self.core, self.colour = vor, capobj, core, colour
-        self.ssm, self.ks = ssm, ks
-        self.thr, self.sd = thr, sd
-        self.capstar = capstar
-        self.firstmode = firstmode
+    def __init__(self, params: ClassicalParams | None = None) -> None:
         super().__init__()
-        self.size, self.beta, self.wa, self.wb, self.k = size, beta, wa, wb, k
-        self.alpha, self.gamma, self.gs, self.wmul, self.fa, self.fb = alpha, gamma, gs, wmul, fa, fb
-        self.za, self.zb, self.zw, self.zwmin, self.zwmax, self.band, self.rwsm = za, zb, zw, zwmin, zwmax, band, rwsm
-        self.zsize, self.lam, self.mode = zsize, lam, mode
-        self._memory = OrderedDict()
+        self.params = params or DEFAULT_PARAMS
+        self._memory: OrderedDict[bytes, np.ndarray] = OrderedDict()
 
-    # ---------------------------------------------------------------- encode
-    def _encode(self, image):
+    # -- per image -------------------------------------------------------------------------------------
+    def _encode(self, image: np.ndarray) -> None:
+        p = self.params
         h, w = image.shape[:2]
-        m = 2 ** (NLEV - 1)
-        ph, pw = -(-h // m) * m, -(-w // m) * m
+        m = 2 ** (_LEVELS - 1)
+        ph, pw = -(-h // m) * m, -(-w // m) * m  # padded so every level halves exactly
         rgb = image.astype(np.float32) / 255
         grey = np.ptp(image.astype(np.int16), axis=2).max() <= 8
         f = (rgb.mean(2, keepdims=True) * 100).astype(np.float32) if grey else rgb2lab(rgb).astype(np.float32)
         f = np.pad(f, ((0, ph - h), (0, pw - w), (0, 0)), mode="edge")
-        sm = np.stack([ndimage.gaussian_filter(f[..., c], self.ssm) for c in range(f.shape[2])], -1)
-        self._smooth = sm
-        self._noise = float(np.median(np.sqrt(((f - sm) ** 2).sum(-1)))) + 0.5
-        self._rwfeat = [np.stack([ndimage.gaussian_filter(f[..., c], self.rwsm) for c in range(f.shape[2])], -1)]
-        self._feats = [f]
-        for _ in range(1, NLEV):
+        self._smooth = _gauss(f, p.seed_sigma)
+        self._noise = float(np.median(np.sqrt(((f - self._smooth) ** 2).sum(-1)))) + 0.5
+        self._feats, self._rwfeat = [f], [_gauss(f, p.rw_sigma)]
+        for _ in range(1, _LEVELS):
             self._feats.append(_down2(self._feats[-1]))
             self._rwfeat.append(_down2(self._rwfeat[-1]))
-        self._grads = []
-        for fl in self._feats:
-            g2 = np.zeros(fl.shape[:2], np.float32)
-            for ch in range(fl.shape[2]):
-                s = ndimage.gaussian_filter(fl[..., ch], 0.7)
-                g2 += ndimage.sobel(s, 0) ** 2 + ndimage.sobel(s, 1) ** 2
-            self._grads.append(np.sqrt(g2) / 8)
+        self._grads = [_gradient(level) for level in self._feats]
         self._memory.clear()
 
-    # ---------------------------------------------------------------- state
-    def _recall(self, logits):
+    # -- per click ---------------------------------------------------------------------------------------
+    def _predict(self, clicks: list[Click], prev_logits: np.ndarray | None) -> ToolOutput:
+        p = self.params
+        h, w = self._image.shape[:2]
+        prev = self._recall(prev_logits)
+        if prev is None:  # no history: replay every click in order
+            mask, start = np.zeros((h, w), bool), 0
+        else:
+            mask, start = prev, len(clicks) - 1
+        for i in range(start, len(clicks)):
+            new, upto = clicks[i], clicks[: i + 1]
+            r, c = new.pixel(h, w)
+            first = new.positive and not mask.any()
+            if first:
+                depth = self._ray_radius(r, c)
+                reach = p.first_scale * depth + p.first_offset
+            else:
+                depth = _distance_to(mask != mask[r, c], r, c)
+                reach = p.reach_scale * depth + p.reach_offset
+                if new.positive:  # a positive correction never reaches beyond the object's own radius
+                    cap = p.first_scale * self._ray_radius(r, c) + p.first_offset
+                    if cap < reach:
+                        reach, depth = cap, min(depth, cap)
+            box, claim = self._claim(new, upto, reach)
+            sub = mask[box[0] : box[1], box[2] : box[3]]
+            if not first:
+                fixed = sub if new.positive else ~sub  # the label next to the error this click corrects
+                if fixed.any():
+                    claim &= ndimage.distance_transform_edt(~fixed) <= p.slab_scale * depth + p.slab_offset
+            sub[claim] = new.positive
+            if first:
+                level = self._level_for(box[1] - box[0])
+                self._refine_band(mask, box, upto, p.band + 2**level)
+            else:
+                self._resolve_zone(mask, new, upto, depth)
+        for ck in clicks:
+            mask[ck.pixel(h, w)] = ck.positive
+        return ToolOutput(mask, self._remember(mask), 1.0)
+
+    def _ray_radius(self, r: int, c: int) -> float:
+        """Median over `_RAYS` rays of the distance from (r, c) to where the colour leaves the seed's range."""
+        p = self.params
+        h, w = self._image.shape[:2]
+        f = self._smooth
+        seed = f[max(0, r - 3) : r + 4, max(0, c - 3) : c + 4].reshape(-1, f.shape[2])
+        mu = np.median(seed, 0)
+        spread = float(np.median(np.sqrt(((seed - mu) ** 2).sum(-1))))
+        tol = p.seed_tol_noise * self._noise + p.seed_tol_spread * spread
+        theta = np.linspace(0, 2 * np.pi, _RAYS, endpoint=False)
+        steps = np.arange(1, max(h, w))
+        rr, cc = r + np.outer(np.sin(theta), steps), c + np.outer(np.cos(theta), steps)
+        inside = (rr >= 0) & (rr <= h - 1) & (cc >= 0) & (cc <= w - 1)
+        ri, ci = np.clip(np.round(rr).astype(int), 0, h - 1), np.clip(np.round(cc).astype(int), 0, w - 1)
+        out = (np.sqrt(((f[ri, ci] - mu) ** 2).sum(-1)) > tol) | ~inside
+        stop = out.copy()  # a ray stops at the first of three consecutive outside samples
+        for j in (1, 2):
+            stop[:, :-j] &= out[:, j:]
+        stop[:, -1] = True
+        return float(np.median(np.maximum(steps[np.argmax(stop, 1)] - 0.5, 1)))
+
+    def _level_for(self, side: int) -> int:
+        """The coarsest-needed pyramid level: the first where a window of `side` full-res pixels fits `window`."""
+        level = 0
+        while level < _LEVELS - 1 and side / 2**level > self.params.window:
+            level += 1
+        return level
+
+    def _window(self, r: int, c: int, half: int, pad: int = 0) -> tuple[int, int, int, int, int]:
+        """A window of half-width `half` full-res pixels (+ `pad` level pixels) around (r, c), on the level where it
+        fits `window`: (level, r0, r1, c0, c1), the bounds in that level's pixels."""
+        level = self._level_for(2 * half + 1)
+        s = 2**level
+        hl, wl = self._feats[level].shape[:2]
+        rl, cl, k = r // s, c // s, -(-half // s) + pad
+        return level, max(0, rl - k), min(hl, rl + k + 1), max(0, cl - k), min(wl, cl + k + 1)
+
+    def _claim(self, new: Click, clicks: list[Click], reach: float) -> tuple[tuple[int, int, int, int], np.ndarray]:
+        """Pixels geodesically within `reach` of the new click and nearer to it than to any opposite click.
+
+        Returns (box, claim): box = (r0, r1, c0, c1) full-res pixels, claim a bool array of the box's shape.
+        """
+        p = self.params
+        h, w = self._image.shape[:2]
+        r, c = new.pixel(h, w)
+        level, r0, r1, c0, c1 = self._window(r, c, int(reach * p.window_margin) + 4)
+        s = 2**level
+        g = self._grads[level][r0:r1, c0:c1]
+        rl, cl = r // s - r0, c // s - c0
+        near = g[max(0, rl - 3) : rl + 4, max(0, cl - 3) : cl + 4]
+        scale = max(float(np.median(g)), float(np.median(near)), 1e-3) * p.edge_scale
+        cost = 1.0 + (g / scale) ** 2
+        dist, _ = MCP_Geometric(cost, fully_connected=True).find_costs([(rl, cl)])
+        margin = reach / s - dist
+        rivals = []
+        for ck in clicks:
+            if ck.positive != new.positive:
+                a, b = ck.pixel(h, w)
+                a, b = a // s - r0, b // s - c0
+                if 0 <= a < r1 - r0 and 0 <= b < c1 - c0:
+                    rivals.append((a, b))
+        if rivals:
+            other, _ = MCP_Geometric(cost, fully_connected=True).find_costs(rivals)
+            margin = np.minimum(margin, other - dist)
+        if s > 1:
+            margin = _resize(margin, (c1 - c0) * s, (r1 - r0) * s)
+        box = (r0 * s, min(h, r1 * s), c0 * s, min(w, c1 * s))
+        claim = margin[: box[1] - box[0], : box[3] - box[2]] > 0
+        return box, _component_at(claim, r - box[0], c - box[2])
+
+    def _resolve_zone(self, mask: np.ndarray, new: Click, clicks: list[Click], depth: float) -> None:
+        """Re-solve `mask` (HxW bool, edited in place) near the new click with a random walker.
+
+        The zone holds the pixels within clip(depth, zone_band_min, zone_band_max) of the mask boundary and within
+        zone_scale * depth + zone_offset of the click; everything else and every click is a fixed seed.
+        """
+        p = self.params
+        h, w = mask.shape
+        r, c = new.pixel(h, w)
+        radius = p.zone_scale * depth + p.zone_offset
+        level, r0, r1, c0, c1 = self._window(r, c, int(radius) + 1, pad=1)
+        s = 2**level
+        hz, wz = r1 - r0, c1 - c0
+        labels = _pool(mask, r0, r1, c0, c1, s) > 0.5
+        band = float(np.clip(depth, p.zone_band_min, p.zone_band_max))
+        edge = np.where(labels, ndimage.distance_transform_edt(labels), ndimage.distance_transform_edt(~labels)) * s
+        yy, xx = np.mgrid[r0:r1, c0:c1]
+        zone = (edge <= band) & (np.hypot((yy + 0.5) * s - r, (xx + 0.5) * s - c) <= radius)
+        fixed = ~zone
+        fixed[0] = fixed[-1] = True
+        fixed[:, 0] = fixed[:, -1] = True
+        value = labels.astype(np.float32)
+        for ck in clicks:
+            a, b = ck.pixel(h, w)
+            a, b = a // s - r0, b // s - c0
+            if 0 <= a < hz and 0 <= b < wz:
+                fixed[a, b], value[a, b] = True, float(ck.positive)
+        x = _random_walk(self._rwfeat[level][r0:r1, c0:c1], fixed, value, p.rw_beta)
+        box = (r0 * s, min(h, r1 * s), c0 * s, min(w, c1 * s))
+        if s > 1:
+            x = _resize(x, wz * s, hz * s)
+            zone = np.repeat(np.repeat(zone, s, 0), s, 1)
+        x, zone = x[: box[1] - box[0], : box[3] - box[2]], zone[: box[1] - box[0], : box[3] - box[2]]
+        sub = mask[box[0] : box[1], box[2] : box[3]]
+        sub[zone] = x[zone] > 0.5
+        if s > 1 and p.band > 0:
+            self._refine_band(mask, box, clicks, p.band + s, ndimage.binary_dilation(zone, iterations=2))
+
+    def _refine_band(
+        self,
+        mask: np.ndarray,
+        box: tuple[int, int, int, int],
+        clicks: list[Click],
+        width: int,
+        allowed: np.ndarray | None = None,
+    ) -> None:
+        """Re-solve, at full resolution, the pixels of `box` within `width` of the mask boundary (and `allowed`)."""
+        h, w = mask.shape
+        r0, r1 = max(0, box[0] - width - 1), min(h, box[1] + width + 1)
+        c0, c1 = max(0, box[2] - width - 1), min(w, box[3] + width + 1)
+        m = mask[r0:r1, c0:c1]
+        unknown = np.where(m, ndimage.distance_transform_edt(m), ndimage.distance_transform_edt(~m)) <= width
+        inner = np.zeros_like(unknown)
+        inner[box[0] - r0 : box[1] - r0, box[2] - c0 : box[3] - c0] = True if allowed is None else allowed
+        unknown &= inner
+        unknown[0] = unknown[-1] = False
+        unknown[:, 0] = unknown[:, -1] = False
+        for ck in clicks:
+            a, b = ck.pixel(h, w)
+            if r0 <= a < r1 and c0 <= b < c1:
+                unknown[a - r0, b - c0] = False
+        if not unknown.any():
+            return
+        x = _random_walk(self._rwfeat[0][r0:r1, c0:c1], ~unknown, m.astype(np.float32), self.params.rw_beta)
+        m[unknown] = x[unknown] > 0.5
+
+    # -- logits <-> masks ----------------------------------------------------------------------------------
+    def _recall(self, logits: np.ndarray | None) -> np.ndarray | None:
+        """The full-resolution mask behind logits this tool returned, else the logits upsampled (> 0)."""
         if logits is None:
             return None
         key = hashlib.blake2b(np.ascontiguousarray(logits).tobytes(), digest_size=16).digest()
@@ -134,291 +294,107 @@ class ClassicalTool(SegmentationTool):
         h, w = self._image.shape[:2]
         return _resize(np.asarray(logits, np.float32), w, h) > 0
 
-    def _remember(self, mask):
+    def _remember(self, mask: np.ndarray) -> np.ndarray:
         logits = self.mask_to_logits(mask)
-        key = hashlib.blake2b(logits.tobytes(), digest_size=16).digest()
-        self._memory[key] = mask.copy()
-        while len(self._memory) > 32:
+        self._memory[hashlib.blake2b(logits.tobytes(), digest_size=16).digest()] = mask.copy()
+        while len(self._memory) > _MEMORY:
             self._memory.popitem(last=False)
         return logits
 
-    # ---------------------------------------------------------------- pieces
-    def _star_radius(self, r, c):
-        H, W = self._image.shape[:2]
-        f = self._smooth
-        sr = 3
-        seed = f[max(0, r - sr):r + sr + 1, max(0, c - sr):c + sr + 1].reshape(-1, f.shape[2])
-        mu = np.median(seed, 0)
-        spread = np.median(np.sqrt(((seed - mu) ** 2).sum(-1)))
-        tol = self.k * self._noise + self.ks * spread
-        th = np.linspace(0, 2 * np.pi, 64, endpoint=False)
-        R = np.arange(1, max(H, W))
-        rr = r + np.outer(np.sin(th), R)
-        cc = c + np.outer(np.cos(th), R)
-        inside = (rr >= 0) & (rr <= H - 1) & (cc >= 0) & (cc <= W - 1)
-        ri = np.clip(np.round(rr).astype(int), 0, H - 1)
-        ci = np.clip(np.round(cc).astype(int), 0, W - 1)
-        d = (np.sqrt(((f[ri, ci] - mu) ** 2).sum(-1)) > tol) | ~inside
-        run = d.copy()
-        for j in range(1, 3):
-            run[:, :-j] &= d[:, j:]
-        run[:, -1] = True
-        rad = np.maximum(R[np.argmax(run, 1)] - 0.5, 1)
-        return float(np.median(rad))
 
-    def _level_for(self, side, size):
-        L = 0
-        while L < NLEV - 1 and side / 2**L > size:
-            L += 1
-        return L
+# -- helpers ---------------------------------------------------------------------------------------------------
+def _gauss(f: np.ndarray, sigma: float) -> np.ndarray:
+    """HxWxC features, each channel Gaussian-smoothed."""
+    return np.stack([ndimage.gaussian_filter(f[..., ch], sigma) for ch in range(f.shape[2])], -1)
 
-    def _claim(self, new, clicks, radius, choices=None, prev=None):
-        H, W = self._image.shape[:2]
-        r, c = new.pixel(H, W)
-        if choices:
-            radius = radius * max(choices)
-        half = int(radius * self.wmul) + 4
-        L = self._level_for(2 * half + 1, self.size)
-        s = 2**L
-        Hl, Wl = self._feats[L].shape[:2]
-        rl, cl = r // s, c // s
-        hl = -(-half // s)
-        R0, R1, C0, C1 = max(0, rl - hl), min(Hl, rl + hl + 1), max(0, cl - hl), min(Wl, cl + hl + 1)
-        g = self._grads[L][R0:R1, C0:C1]
-        nb = g[max(0, rl - R0 - 3): rl - R0 + 4, max(0, cl - C0 - 3): cl - C0 + 4]
-        scale = max(float(np.median(g)), float(np.median(nb)), 1e-3) * self.gs
-        cost = 1.0 + self.alpha * (g / scale) ** self.gamma
-        dp, _ = MCP_Geometric(cost, fully_connected=True).find_costs([(rl - R0, cl - C0)])
-        if choices:
-            best, top = -1.0, max(choices)
-            same = None
-            if prev is not None:
-                sub = np.zeros(((R1 - R0) * s, (C1 - C0) * s), np.float32)
-                part = prev[R0 * s:min(R1 * s, H), C0 * s:min(C1 * s, W)]
-                sub[: part.shape[0], : part.shape[1]] = part
-                same = (sub.reshape(R1 - R0, s, C1 - C0, s).mean((1, 3)) > 0.5) == new.positive
-            for m in sorted(choices):
-                reg = dp <= radius * m / top / s
-                lab, _ = ndimage.label(reg)
-                reg = lab == lab[rl - R0, cl - C0]
-                if same is not None:
-                    full = reg | same
-                    edge = reg & ~ndimage.binary_erosion(full, border_value=1)
-                else:
-                    edge = reg & ~ndimage.binary_erosion(reg, border_value=1)
-                if reg.sum() < 4 or not edge.any():
-                    continue
-                sc = float(g[edge].mean())
-                if sc > best * self.fsel_tol:
-                    best, pick = max(sc, best), m
-            radius = radius * pick / top
-        margin = radius / s - dp
-        seeds = []
-        for ck in clicks:
-            if ck.positive != new.positive:
-                a, b = ck.pixel(H, W)
-                a, b = a // s - R0, b // s - C0
-                if 0 <= a < R1 - R0 and 0 <= b < C1 - C0:
-                    seeds.append((a, b))
-        if seeds:
-            do, _ = MCP_Geometric(cost, fully_connected=True).find_costs(seeds)
-            margin = np.minimum(margin, self.vor * do - dp)
-        if s > 1:
-            margin = _resize(margin, (C1 - C0) * s, (R1 - R0) * s)
-        box = (R0 * s, min(H, R1 * s), C0 * s, min(W, C1 * s))
-        claim = margin[: box[1] - box[0], : box[3] - box[2]] > 0
-        lab, _ = ndimage.label(claim)
-        k = lab[r - box[0], c - box[2]]
-        claim = lab == k if k > 0 else np.zeros_like(claim)
-        return box, claim
 
-    def _zone_rw(self, mask, new, clicks, d, prev=None):
-        """Re-solve the labels near the click: pixels within `w` of the mask boundary and `rz` of the click."""
-        H, W = mask.shape
-        r, c = new.pixel(H, W)
-        rz = self.za * d + self.zb
-        w = float(np.clip(self.zw * d, self.zwmin, self.zwmax))
-        half = int(rz) + 1
-        L = self._level_for(2 * half + 1, self.zsize)
-        s = 2**L
-        Hl, Wl = self._feats[L].shape[:2]
-        rl, cl = r // s, c // s
-        hl = -(-half // s) + 1
-        R0, R1, C0, C1 = max(0, rl - hl), min(Hl, rl + hl + 1), max(0, cl - hl), min(Wl, cl + hl + 1)
-        h, wd = R1 - R0, C1 - C0
-        sub = np.zeros((h * s, wd * s), np.float32)
-        part = mask[R0 * s:min(R1 * s, H), C0 * s:min(C1 * s, W)]
-        sub[: part.shape[0], : part.shape[1]] = part
-        t = sub.reshape(h, s, wd, s).mean((1, 3)) > 0.5 if s > 1 else sub > 0.5
-        yy, xx = np.mgrid[R0:R1, C0:C1]
-        if self.asym and prev is not None:
-            subp = np.zeros((h * s, wd * s), np.float32)
-            part = prev[R0 * s:min(R1 * s, H), C0 * s:min(C1 * s, W)]
-            subp[: part.shape[0], : part.shape[1]] = part
-            tp = subp.reshape(h, s, wd, s).mean((1, 3)) > 0.5 if s > 1 else subp > 0.5
-            din = ndimage.distance_transform_edt(tp) * s     # inside prev: distance to prev BG
-            dout = ndimage.distance_transform_edt(~tp) * s   # outside prev: distance to prev FG
-            near, far = (self.a1 * d + self.b1), (self.a2 * d + self.b2)
-            if new.positive:
-                zone = np.where(tp, din <= far, dout <= near)
-            else:
-                zone = np.where(tp, din <= near, dout <= far)
-            zone |= (t != tp)
-        else:
-            dist = np.where(t, ndimage.distance_transform_edt(t), ndimage.distance_transform_edt(~t)) * s
-            zone = dist <= w
-        zone &= np.hypot((yy + 0.5) * s - r, (xx + 0.5) * s - c) <= rz
-        fixed = ~zone
-        fixed[0] = fixed[-1] = True
-        fixed[:, 0] = fixed[:, -1] = True
-        val = t.astype(np.float32)
-        for ck in clicks:
-            a, b = ck.pixel(H, W)
-            a, b = a // s - R0, b // s - C0
-            if 0 <= a < h and 0 <= b < wd:
-                fixed[a, b] = True
-                val[a, b] = float(ck.positive)
-        rd = int(self.sd * d / s)
-        if rd >= 1:
-            a, b = r // s - R0, c // s - C0
-            yy2, xx2 = np.ogrid[-a:h - a, -b:wd - b]
-            disk = yy2 ** 2 + xx2 ** 2 <= rd * rd
-            fixed[disk] = True
-            val[disk] = float(new.positive)
-        if self.core > 0:
-            cbox, claim = self._cur_claim
-            cf = np.zeros((h * s, wd * s), np.float32)
-            y0, y1 = max(cbox[0], R0 * s), min(cbox[1], R1 * s, H)
-            x0, x1 = max(cbox[2], C0 * s), min(cbox[3], C1 * s, W)
-            if y1 > y0 and x1 > x0:
-                cl_ = claim[y0 - cbox[0]:y1 - cbox[0], x0 - cbox[2]:x1 - cbox[2]]
-                cl_ = ndimage.binary_erosion(cl_, iterations=1) if s == 1 else cl_
-                cf[y0 - R0 * s:y1 - R0 * s, x0 - C0 * s:x1 - C0 * s] = cl_
-                cl = cf.reshape(h, s, wd, s).min((1, 3)) > 0.5 if s > 1 else cf > 0.5
-                yy3, xx3 = np.mgrid[R0:R1, C0:C1]
-                near = np.hypot((yy3 + 0.5) * s - r, (xx3 + 0.5) * s - c) <= self.core * max(d, 1.0)
-                cl &= near
-                fixed[cl] = True
-                val[cl] = float(new.positive)
-        prior = t.astype(np.float32)
-        lam = self.lam
-        if self.colour > 0:
-            prior = self._colour_prior(self._rwfeat[L][R0:R1, C0:C1], t)
-            lam = self.colour
-        x = _random_walk(self._rwfeat[L][R0:R1, C0:C1], fixed, val, self.beta, prior, lam, self.pct)
-        box = (R0 * s, min(H, R1 * s), C0 * s, min(W, C1 * s))
-        if s > 1:
-            x = _resize(x, wd * s, h * s)
-            zone_full = np.repeat(np.repeat(zone, s, 0), s, 1)
-        else:
-            zone_full = zone
-        x = x[: box[1] - box[0], : box[3] - box[2]]
-        zone_full = zone_full[: box[1] - box[0], : box[3] - box[2]]
-        m = mask[box[0]:box[1], box[2]:box[3]]
-        m[zone_full] = x[zone_full] > self.thr
-        self._dbg_zone = np.zeros(mask.shape, bool)
-        self._dbg_zone[box[0]:box[1], box[2]:box[3]] = zone_full
-        if s > 1 and self.band > 0:
-            self._band_refine(mask, box, clicks, self.band + s, ndimage.binary_dilation(zone_full, iterations=2))
+def _down2(a: np.ndarray) -> np.ndarray:
+    """Halve the resolution by 2x2 averaging (even sides)."""
+    return 0.25 * (a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2])
 
-    def _colour_prior(self, feat, lab):
-        f = feat.reshape(-1, feat.shape[2])
-        lo, hi = f.min(0), f.max(0)
-        nb = 32 if f.shape[1] == 1 else 12
-        q = np.clip(((f - lo) / (hi - lo + 1e-6) * nb).astype(int), 0, nb - 1)
-        code = q[:, 0]
-        for ch in range(1, f.shape[1]):
-            code = code * nb + q[:, ch]
-        nbin = nb ** f.shape[1]
-        fg = np.bincount(code[lab.ravel()], minlength=nbin) + 1.0
-        bg = np.bincount(code[~lab.ravel()], minlength=nbin) + 1.0
-        fg /= fg.sum()
-        bg /= bg.sum()
-        p = fg / (fg + bg)
-        return p[code].reshape(lab.shape).astype(np.float32)
 
-    def _band_refine(self, mask, box, clicks, wb, allowed=None):
-        H, W = mask.shape
-        r0, r1, c0, c1 = max(0, box[0] - wb - 1), min(H, box[1] + wb + 1), max(0, box[2] - wb - 1), min(W, box[3] + wb + 1)
-        m = mask[r0:r1, c0:c1]
-        band = np.where(m, ndimage.distance_transform_edt(m), ndimage.distance_transform_edt(~m)) <= wb
-        inner = np.zeros_like(band)
-        if allowed is None:
-            inner[box[0] - r0: box[1] - r0, box[2] - c0: box[3] - c0] = True
-        else:
-            inner[box[0] - r0: box[1] - r0, box[2] - c0: box[3] - c0] = allowed
-        unknown = band & inner
-        unknown[0] = unknown[-1] = False
-        unknown[:, 0] = unknown[:, -1] = False
-        for ck in clicks:
-            a, b = ck.pixel(H, W)
-            if r0 <= a < r1 and c0 <= b < c1:
-                unknown[a - r0, b - c0] = False
-        if not unknown.any():
-            return
-        x = _random_walk(self._rwfeat[0][r0:r1, c0:c1], ~unknown, m.astype(np.float32), self.beta, pct=self.pct)
-        m[unknown] = x[unknown] > self.thr
+def _gradient(f: np.ndarray) -> np.ndarray:
+    """HxW gradient magnitude of HxWxC features (Sobel after a small Gaussian, summed over channels)."""
+    g2 = np.zeros(f.shape[:2], np.float32)
+    for ch in range(f.shape[2]):
+        s = ndimage.gaussian_filter(f[..., ch], 0.7)
+        g2 += ndimage.sobel(s, 0) ** 2 + ndimage.sobel(s, 1) ** 2
+    return np.sqrt(g2) / 8
 
-    def _dist_to(self, target, r, c):
-        H, W = target.shape
-        half = 16
-        while True:
-            a, b, c0, c1 = max(0, r - half), min(H, r + half + 1), max(0, c - half), min(W, c + half + 1)
-            win = target[a:b, c0:c1]
-            if win.any():
-                ys, xs = np.nonzero(win)
-                dist = float(np.sqrt(((ys + a - r) ** 2 + (xs + c0 - c) ** 2).min()))
-                if dist <= half or half >= max(H, W):
-                    return dist
-            elif half >= max(H, W):
-                return float(max(H, W))
-            half *= 2
 
-    # ---------------------------------------------------------------- predict
-    def _predict(self, clicks, prev_logits):
-        H, W = self._image.shape[:2]
-        prev = self._recall(prev_logits)
-        if prev is None:
-            prev = np.zeros((H, W), bool)
-            todo = clicks
-        else:
-            todo = clicks[-1:]
-        mask = prev.copy()
-        for i, new in enumerate(todo):
-            upto = clicks[: len(clicks) - len(todo) + i + 1]
-            r, c = new.pixel(H, W)
-            first = not mask.any() and new.positive
-            if first:
-                d = self._star_radius(r, c)
-                radius = self.fa * d + self.fb
-            else:
-                d = self._dist_to(mask != mask[r, c], r, c)
-                radius = self.wa * d + self.wb
-                if self.capstar and new.positive:
-                    cap = self.fa * self._star_radius(r, c) + self.fb
-                    if self.capobj > 0:
-                        cap = min(cap, max(self.capobj * np.sqrt(mask.sum() / np.pi), 16.0))
-                    if cap < radius:
-                        radius = cap
-                        d = min(d, cap)
-            box, claim = self._claim(new, upto, radius, self.fchoices if first else self.lchoices, None if first else mask)
-            before = mask.copy() if self.asym else None
-            if self.slab > 0 and not first:
-                sub = mask[box[0]:box[1], box[2]:box[3]]
-                other = sub if new.positive else ~sub   # the label the click disagrees with
-                if other.any():
-                    claim &= ndimage.distance_transform_edt(~other) <= self.slab * d + self.slabb
-            mask[box[0]:box[1], box[2]:box[3]][claim] = new.positive
-            self._cur_claim = (box, claim)
-            self._dbg_claimed = mask.copy()
-            if first and self.firstmode == "band":
-                L = self._level_for(box[1] - box[0], self.size)
-                self._band_refine(mask, box, upto, 3 + 2**L)
-            elif self.mode == "zone":
-                self._zone_rw(mask, new, upto, radius if first else d, before)
-            elif self.mode == "band":
-                L = self._level_for(box[1] - box[0], self.size)
-                self._band_refine(mask, box, upto, 3 + 2**L)
-        for ck in clicks:
-            mask[ck.pixel(H, W)] = ck.positive
-        return ToolOutput(mask, self._remember(mask), 1.0)
+def _resize(a: np.ndarray, w: int, h: int) -> np.ndarray:
+    """Bilinear resize of a 2-D array to h x w (float32)."""
+    return np.asarray(Image.fromarray(a.astype(np.float32)).resize((w, h), Image.BILINEAR))
+
+
+def _pool(mask: np.ndarray, r0: int, r1: int, c0: int, c1: int, s: int) -> np.ndarray:
+    """The fraction of foreground in each s x s cell of the level-pixel window [r0:r1, c0:c1] (zero beyond the image)."""
+    h, w = mask.shape
+    sub = np.zeros(((r1 - r0) * s, (c1 - c0) * s), np.float32)
+    part = mask[r0 * s : min(r1 * s, h), c0 * s : min(c1 * s, w)]
+    sub[: part.shape[0], : part.shape[1]] = part
+    return sub.reshape(r1 - r0, s, c1 - c0, s).mean((1, 3)) if s > 1 else sub
+
+
+def _component_at(region: np.ndarray, r: int, c: int) -> np.ndarray:
+    """The connected component of `region` (bool) holding (r, c); empty when (r, c) is outside it."""
+    lab, _ = ndimage.label(region)
+    k = lab[r, c]
+    return lab == k if k > 0 else np.zeros_like(region)
+
+
+def _distance_to(target: np.ndarray, r: int, c: int) -> float:
+    """Euclidean distance from (r, c) to the nearest True pixel of `target` (HxW bool); the image side if none."""
+    h, w = target.shape
+    half = 16
+    while True:  # grow a window until the nearest pixel provably lies inside it
+        a, b, c0, c1 = max(0, r - half), min(h, r + half + 1), max(0, c - half), min(w, c + half + 1)
+        ys, xs = np.nonzero(target[a:b, c0:c1])
+        if ys.size:
+            dist = float(np.sqrt(((ys + a - r) ** 2 + (xs + c0 - c) ** 2).min()))
+            if dist <= half or half >= max(h, w):
+                return dist
+        elif half >= max(h, w):
+            return float(max(h, w))
+        half *= 2
+
+
+def _random_walk(feat: np.ndarray, fixed: np.ndarray, value: np.ndarray, beta: float) -> np.ndarray:
+    """Random-walker probabilities on a 4-connected grid.
+
+    feat: HxWxC features; fixed: HxW bool seeds; value: HxW seed values (0/1, read where fixed). Edge weights are
+    exp(-beta * |df|^2 / mean |df|^2) + 1e-4. Returns HxW float: the seeds' values and, elsewhere, the harmonic
+    interpolation (probability of reaching a foreground seed first).
+    """
+    h, w = feat.shape[:2]
+    n = h * w
+    dh = ((feat[:, 1:] - feat[:, :-1]) ** 2).sum(-1)
+    dv = ((feat[1:] - feat[:-1]) ** 2).sum(-1)
+    d = np.r_[dh.ravel(), dv.ravel()]
+    wt = np.exp(-beta * d / (d.mean() + 1e-6)) + 1e-4
+    idx = np.arange(n).reshape(h, w)
+    i = np.r_[idx[:, :-1].ravel(), idx[:-1].ravel()]
+    j = np.r_[idx[:, 1:].ravel(), idx[1:].ravel()]
+    fixed = fixed.ravel()
+    fval = value.ravel().astype(np.float64)
+    unk = ~fixed
+    nu = int(unk.sum())
+    if nu == 0:
+        return fval.reshape(h, w)
+    pos = np.full(n, -1)
+    pos[unk] = np.arange(nu)
+    deg = np.bincount(i, wt, n) + np.bincount(j, wt, n)
+    uu = unk[i] & unk[j]
+    rows = np.r_[pos[i[uu]], pos[j[uu]], np.arange(nu)]
+    cols = np.r_[pos[j[uu]], pos[i[uu]], np.arange(nu)]
+    vals = np.r_[-wt[uu], -wt[uu], deg[unk]]
+    rhs = np.zeros(nu)
+    a_fs = unk[i] & fixed[j]
+    rhs += np.bincount(pos[i[a_fs]], wt[a_fs] * fval[j[a_fs]], nu)
+    b_fs = unk[j] & fixed[i]
+    rhs += np.bincount(pos[j[b_fs]], wt[b_fs] * fval[i[b_fs]], nu)
+    lap = sp.csc_matrix((vals, (rows, cols)), shape=(nu, nu))
+    x = spl.spsolve(lap, rhs, permc_spec="MMD_AT_PLUS_A")
+    out = fval.copy()
+    out[unk] = x
+    return out.reshape(h, w)
