@@ -9,11 +9,13 @@ Two layers:
   caller runs the segmentation tool.
 * trl reward functions, `(completions, **kwargs) -> list[float | None]`: `format_reward`, `answer_reward`,
   `click_reward`, `progress_reward`, `length_reward`. Each row is read from the dataset columns trl forwards as
-  keyword lists: `trajectory` (a `Trajectory`, multi-turn mode) or, for step-level rows, `gt_mask`, `prev_mask`,
-  `pred_mask`, `step_index`; `solution` holds a VQA row's ground-truth answer. `reward_functions(config)` binds a
-  `RewardConfig` and `reward_weights(config)` gives the matching `GRPOConfig.reward_weights`.
+  keyword lists: `trajectory` (a `Trajectory` or its dict, multi-turn mode) with `gt_mask` (HxW, the first
+  target's) or `gt_masks` ({target: HxW}); or, for step-level rows, the completion's last assistant turn with
+  `gt_mask`, `prev_mask`, `pred_mask`, `step_index`, `target`; `solution` holds a VQA row's ground-truth answer.
+  `reward_functions(config)` binds a `RewardConfig` and `reward_weights(config)` gives the matching
+  `GRPOConfig.reward_weights`.
 
-A component is None where it does not apply (the IoU reward on a VQA row, progress on a step that changed no mask);
+A component is None where it does not apply (the IoU tier and progress on a VQA row, progress on a Terminate step);
 trl turns None into NaN and ignores it, and `total_reward` counts it as 0. Masks are HxW bool arrays (nested lists and
 trajectory RLE dicts are accepted too); clicks are `Click`s in pixels of the original image (x = column, y = row).
 """

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,3 +204,16 @@ def test_cli(tmp_path, capsys):
         [sys.executable, "-m", "ibisagent_training.synthetic", "--help"], capture_output=True, text=True, timeout=60
     )
     assert help_run.returncode == 0 and "--n-images" in help_run.stdout
+
+
+def test_the_training_loader_reads_the_json(tmp_path):
+    """`ibisagent_training.data.list_entries` takes the COCO json path when `<split>.json` exists: same targets,
+    the sentences carried over, nothing reported as bad."""
+    data = pytest.importorskip("ibisagent_training.data")
+    counts = write_synthetic_dataset(tmp_path, 6, seed=9, size=48, objects=(1, 3), split="train")
+    report = data.DataReport()
+    entries = data.list_entries(tmp_path, "train", report)
+    assert report.problems == [] and len(entries) == counts["masks"]
+    names = {(Path(s.mask).name, s.target) for s in list_biomedparse(tmp_path / "train")}
+    assert {(Path(e["label"]).name, e["target"]) for e in entries} == names
+    assert all(e["sentences"] == [e["target"]] and e["modality"] == MODALITY for e in entries)
