@@ -279,6 +279,7 @@ def modality_words(modality: str) -> ModalityWords:
 
 
 _AN_LETTERS = set("AEFHILMNORSX")  # letters whose spoken name starts with a vowel sound ("an MRI", "an X-ray")
+_SPOKEN_ACRONYMS = {"PET", "FLAIR", "COVID", "SPECT", "NASH", "LASER"}  # said as words: "a PET scan"
 _A_PREFIXES = ("uni", "use", "usu", "ute", "uri", "uro", "eu", "one", "once")  # vowel letter, consonant sound
 _AN_PREFIXES = ("hour", "honest", "honor", "honour", "heir")  # consonant letter, vowel sound
 
@@ -289,7 +290,7 @@ def article(phrase: str) -> str:
     if not word:
         return "a"
     head = re.split(r"[-/]", word)[0] or word
-    if head.isupper() and len(head) <= 5 and head.isalpha():  # an acronym, spoken letter by letter
+    if head.isupper() and len(head) <= 5 and head.isalpha() and head not in _SPOKEN_ACRONYMS:  # spelled out
         return "an" if head[0] in _AN_LETTERS else "a"
     if head[:1].isdigit():
         return "an" if head[0] == "8" or head.startswith(("11", "18")) else "a"
