@@ -176,8 +176,8 @@ INSTRUCTION_SYSTEM_PROMPT = (
     "must name '{target}' exactly and ask for it to be segmented (or outlined, delineated, masked)."
 )
 INSTRUCTION_USER_PROMPT = (
-    "Write {n} different requests of this kind: {style}.{examples} Reply with a JSON array of {n} strings and "
-    "nothing else."
+    "Write {n} different requests of this kind: {style}.{examples} Reply with a JSON array of strings ({n} of "
+    "them) and nothing else."
 )
 
 
