@@ -206,6 +206,7 @@ def write_plots(out_dir: str | Path, rows: Sequence[dict], methods: Sequence[str
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         import sys
 
@@ -247,6 +248,7 @@ def write_plots(out_dir: str | Path, rows: Sequence[dict], methods: Sequence[str
             ax.set_title(panel)
             ax.set_xlabel(xlabel)
             ax.set_ylim(0, 100)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, loc="lower right")
         axes[0].set_ylabel("mean IoU %")
