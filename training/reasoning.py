@@ -260,7 +260,15 @@ def _fraction(part: np.ndarray, whole: np.ndarray) -> float:
 
 
 def _components(m: np.ndarray) -> tuple[np.ndarray, int]:
-    return ndimage.label(m, structure=_EIGHT)
+    """8-connected labels of an HxW bool mask, computed on its bounding box (masks are often small in large
+    images) and placed back into a full-size int32 array."""
+    labels = np.zeros(m.shape, np.int32)
+    if not m.any():
+        return labels, 0
+    r0, r1, c0, c1 = _bbox(m)
+    sub, n = ndimage.label(m[r0:r1, c0:c1], structure=_EIGHT)
+    labels[r0:r1, c0:c1] = sub
+    return labels, int(n)
 
 
 def _component_at(region: np.ndarray, row: int, col: int) -> np.ndarray | None:
@@ -553,12 +561,12 @@ def _describe_initial(ctx: StepContext, fields: dict[str, str], rng: random.Rand
     click = ctx.clicks[0]
     h, w = ctx.image_size
     row, col = click.pixel(h, w)
-    gt = ctx.gt if ctx.gt.any() else np.zeros_like(ctx.gt)
-    part = _component_at(gt, row, col) if gt.any() else None
+    gt = ctx.gt
     labels, n = _components(gt)
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:] if n else np.zeros(0, int)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     n_parts = int(np.count_nonzero(sizes >= max(20, 0.05 * sizes.max()))) if n else 0
-    extent = int(np.count_nonzero(part if part is not None else gt)) / (h * w)
+    label = int(labels[row, col]) or (1 + int(np.argmax(sizes)) if n else 0)
+    extent = (int(sizes[label - 1]) if label else 0) / (h * w)  # the clicked part's share of the image
     f = {**fields, "where": image_where(click.x, click.y, ctx.image_size), "extent": _extent_word(extent)}
     f["n"] = _NUMBERS.get(n_parts, "several")
     body = _choose(INITIAL_MULTI if n_parts > 1 else INITIAL, f, rng)
