@@ -141,7 +141,8 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--window",
         default="soft-tissue",
-        help=f"volumes: CT window for NIfTI/non-uint8 images: {', '.join(CT_WINDOWS)}, percentile or LO,HI",
+        help=f"volumes: CT window for NIfTI/non-uint8 images: {', '.join(CT_WINDOWS)}, percentile or LO,HI "
+        "(write --window=-160,240)",
     )
     bench.add_argument("--target", default="lesion", help="volumes: target name in the question (default lesion)")
     bench.add_argument("--label-value", type=int, help="volumes: the foreground label (default: every label > 0)")

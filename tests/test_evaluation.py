@@ -310,6 +310,17 @@ def test_volume_slice_reader_on_recist(tmp_path):
     image, gt = nii[-1].load()
     assert np.abs(image[..., 0].astype(int) - imgs[nii[-1].slice_index]).max() <= 1
     assert np.array_equal(gt, gts[nii[-1].slice_index] > 0)
+    # label files beside their volumes (<name>_seg.nii.gz), and an explicit --labels file
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "lesion1.nii.gz").symlink_to(tmp_path / "imagesTr" / "lesion1_0000.nii.gz")
+    (flat / "lesion1_seg.nii.gz").symlink_to(tmp_path / "labelsTr" / "lesion1.nii.gz")
+    (beside,) = load_benchmark(flat)[1]
+    assert (beside.image.name, beside.mask.name, beside.slice_index) == ("lesion1.nii.gz", "lesion1_seg.nii.gz", 9)
+    explicit = load_benchmark(flat / "lesion1.nii.gz", labels=flat / "lesion1_seg.nii.gz")[1]
+    assert [c.slice_index for c in explicit] == [9]
+    with pytest.raises(BenchmarkError, match="--labels"):
+        load_benchmark(flat / "lesion1.nii.gz")
 
 
 @needs_recist

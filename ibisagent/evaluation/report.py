@@ -148,6 +148,18 @@ _DEFINITIONS = (
 )
 
 
+def definitions(info: dict, methods: Sequence[str]) -> str:
+    """The one-paragraph legend of the tables (Markdown and HTML)."""
+    text = _DEFINITIONS.format(cap=int(info.get("noc_max", 20)) + 1)
+    if "box" in methods:
+        text += (
+            " The box baseline gives the ground-truth box as 5 clicks in one step (centre positive, 4 outside corners"
+            " negative; fewer where the box touches the image border): its IoU reaches its final value at its last"
+            " click, and IoU@k for earlier clicks is the IoU before the step (0)."
+        )
+    return text
+
+
 def write_summary(out_dir: str | Path, rows: Sequence[dict], methods: Sequence[str], info: dict) -> list[dict]:
     """Write summary.md and summary.csv into out_dir; returns the summary rows."""
     out_dir = Path(out_dir)
@@ -164,7 +176,7 @@ def write_summary(out_dir: str | Path, rows: Sequence[dict], methods: Sequence[s
         f"benchmark: `{info.get('benchmark')}` ({info.get('format')}, {n_cases} cases); tool: {info.get('tool')}; "
         f"methods: {', '.join(f'{m} = {lab}' for m, lab in info.get('method_labels', {}).items()) or ', '.join(methods)}",
         "",
-        _DEFINITIONS.format(cap=int(info.get("noc_max", 20)) + 1),
+        definitions(info, methods),
         "",
         "## Overall",
         "",
@@ -456,7 +468,7 @@ def write_html(
 {len(by_case)} cases) · tool: {html.escape(str(info.get("tool")))} ·
 methods: {html.escape(", ".join(f"{m} = {labels.get(m, m)}" for m in methods))} ·
 written {datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}</p>
-<p class="meta">{html.escape(_DEFINITIONS.format(cap=int(info.get("noc_max", 20)) + 1))}</p>
+<p class="meta">{html.escape(definitions(info, methods))}</p>
 <h2>Overall</h2>{_html_table(summary, "overall")}
 <h2>Per modality</h2>{_html_table(summary, "modality")}
 <h2>Per target</h2>{_html_table(summary, "target")}
