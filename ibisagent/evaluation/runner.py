@@ -465,7 +465,8 @@ def write_run_info(out_dir: str | Path, info: dict, resume: bool) -> dict:
                 f"({'; '.join(f'{k}: {old.get(k)!r} then, {info.get(k)!r} now' for k in changed)}); "
                 "use the same settings or another --out"
             )
-        info = {**old, **info, "started": old.get("started", info.get("started"))}
+        resumed = {"resumed": info.get("started"), "resume_command": info.get("command")}
+        info = {**old, **info, **resumed, "started": old.get("started"), "command": old.get("command")}
     path.write_text(json.dumps(info, indent=2, default=_json_default))
     return info
 
