@@ -1,0 +1,412 @@
+"""Cold-start SFT (paper 3.2): conversations built from simulated trajectories, loss on model-written tokens only,
+trained with trl's `SFTTrainer` (optionally LoRA via peft, optionally a frozen vision tower).
+
+A conversation is what the policy sees at inference (`ibisagent.policies.hf_vlm`): the system prompt, then per step a
+user turn (the observation image: the image with the current masks overlaid, `ibisagent.render.overlay`, and the
+prompt template's text) and the assistant turn (`<think>` reasoning, `<action>`, and `<answer>` when it terminates).
+The instruction comes from the instruction library (`prompts.py`), the reasoning from the weight-free generator
+(`reasoning.py`), the actions from the trajectory itself.
+
+Loss masks: every token is masked (-100) except the assistant turns' content and end-of-turn token; the assistant
+turns of a self-correction sample's wrong clicks are masked too (their `train` flag is False), so the policy sees
+its mistake in context but never learns to make it.
+
+Launch: `accelerate launch -m ibisagent_training.sft --config sft.yaml` (or `ibisagent-train sft ...`); the options
+are this module's `SFTDataArguments`, trl's `SFTConfig` and trl's `ModelConfig`, from the command line or a yaml.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ibisagent.grammar import Grammar
+from ibisagent.policies.hf_vlm import PromptTemplates
+from ibisagent.render import overlay
+from ibisagent.trajectory import Trajectory
+from ibisagent.types import Action
+
+IGNORE_INDEX = -100
+_END_OF_TURN = "<|im_end|>"  # Qwen's chat templates close every turn with it; the model must learn to write it
+
+
+# -- conversations -----------------------------------------------------------------------------------------------------
+@dataclass
+class Conversation:
+    """One SFT sample: chat messages (image entries are `{"type": "image"}` placeholders), the observation images
+    (HxWx3 uint8, in placeholder order) and, per assistant message in order, whether its tokens are trained."""
+
+    id: str
+    messages: list[dict]
+    images: list[np.ndarray]
+    train: list[bool]
+
+    @property
+    def assistant_texts(self) -> list[str]:
+        return [m["content"][0]["text"] for m in self.messages if m["role"] == "assistant"]
+
+
+def _user(text: str) -> dict:
+    return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
+
+
+def _assistant(text: str) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+class ConversationBuilder:
+    """Turns trajectory records (`generate.py`) into conversations, deterministically per record id and `seed`.
+
+    library: `prompts.InstructionLibrary` (None: the packaged one). dialect: the grammar the assistant writes.
+    template_dir: prompt templates as at inference (None: the packaged ones). history "full" builds one
+    conversation per trajectory (every observation); "current" builds one per step (the system prompt, the
+    current observation and the step's answer), matching `HFVLMPolicy(history=...)`.
+    """
+
+    def __init__(
+        self,
+        library=None,
+        dialect: str = "ibis",
+        template_dir: str | Path | None = None,
+        history: str = "full",
+        seed: int = 0,
+    ):
+        from ibisagent_training.prompts import InstructionLibrary
+
+        if history not in ("full", "current"):
+            raise ValueError(f"history must be 'full' or 'current', got {history!r}")
+        self.library = library or InstructionLibrary()
+        self.grammar = Grammar(dialect)
+        self.templates = PromptTemplates.load(dialect, template_dir)
+        self.history = history
+        self.seed = seed
+
+    def build(self, record: dict, image: np.ndarray | None = None, gt: np.ndarray | None = None) -> list[Conversation]:
+        """Conversations of one record. image (HxWx3 uint8) and gt (HxW bool) are read from the record's paths
+        when not given."""
+        from ibisagent.io import read_image, read_mask
+        from ibisagent_training.reasoning import describe_step, step_context, undo_context
+
+        traj = Trajectory.from_dict(record["trajectory"])
+        target, modality = record["target"], record.get("modality", "")
+        image = read_image(record["image"]) if image is None else image
+        gt = read_mask(record["mask"], image.shape[:2]) if gt is None else gt
+        rng = random.Random(f"{self.seed}:{record['id']}:{record.get('variant', 'gold')}")
+        instruction = self.library.initial(target, modality, rng).text
+        size = traj.image_size
+        masked = set(traj.meta.get("masked_steps", []))
+
+        empty = np.zeros(size, bool)
+        observations, answers, train = [], [], []
+        for k, step in enumerate(traj.steps):
+            previous = traj.steps[k - 1] if k else None
+            mask_now = previous.masks.get(target, empty) if previous else traj.initial_masks.get(target, empty)
+            observations.append(overlay(image, mask_now))
+            action = step.action
+            if action is None:  # an unparseable turn cannot be trained on; oracle trajectories have none
+                raise ValueError(f"record {record['id']}: step {step.index} has no action ({step.error})")
+            if action.undo:
+                restored = step.masks.get(target, empty)
+                own_clicks = previous.clicks.get(target, []) if previous else []
+                if own_clicks:
+                    ctx = undo_context(mask_now, restored, gt, target, modality, k, previous.action.clicks)
+                else:  # nothing of its own to revert: it discards the mask it was given
+                    ctx = undo_context(mask_now, restored, gt, target, modality, k)
+                    ctx.kind = "discard"
+            else:
+                ctx = step_context(mask_now, gt, action.clicks, target, modality, k)
+            think = describe_step(ctx, rng)
+            answer = self.library.answer(target, modality, rng) if action.terminate else None
+            answers.append(self.grammar.format(action, size, think=think, answer=answer))
+            train.append(k not in masked)
+
+        first = self.templates.user_text(instruction, [target], first=True)
+        later = self.templates.user_text(instruction, [target], first=False)
+        system = {
+            "role": "system",
+            "content": [{"type": "text", "text": self.templates.system_text(instruction, [target])}],
+        }
+        cid = f"{record['id']}#{record.get('variant', 'gold')}"
+        if self.history == "full":
+            messages = [system]
+            for k, text in enumerate(answers):
+                messages += [_user(first if k == 0 else later), _assistant(text)]
+            return [Conversation(cid, messages, observations, train)]
+        return [
+            Conversation(f"{cid}@{k}", [system, _user(first if k == 0 else later), _assistant(text)], [obs], [ok])
+            for k, (text, obs, ok) in enumerate(zip(answers, observations, train))
+            if ok
+        ]
+
+    def build_absent(self, record: dict, absent_target: str, image: np.ndarray | None = None) -> Conversation:
+        """A question about `absent_target`, a structure not in this record's image, answered with a refusal and
+        no click (Terminate)."""
+        from ibisagent.io import read_image
+        from ibisagent_training.reasoning import StepContext, describe_step
+
+        image = read_image(record["image"]) if image is None else image
+        size = image.shape[:2]
+        modality = record.get("modality", "")
+        rng = random.Random(f"{self.seed}:{record['id']}:absent:{absent_target}")
+        question, refusal = self.library.absent(absent_target, modality, rng)
+        empty = np.zeros(size, bool)
+        ctx = StepContext(size, empty, empty, (), absent_target, modality, 0, "absent")
+        text = self.grammar.format(Action(terminate=True), size, think=describe_step(ctx, rng), answer=refusal)
+        system = {
+            "role": "system",
+            "content": [{"type": "text", "text": self.templates.system_text(question, [absent_target])}],
+        }
+        messages = [system, _user(self.templates.user_text(question, [absent_target], first=True)), _assistant(text)]
+        return Conversation(f"{record['id']}#absent:{absent_target}", messages, [image], [True])
+
+
+# -- tokens and loss masks ---------------------------------------------------------------------------------------------
+def encode(processor, conv: Conversation, image_kwargs: dict | None = None) -> dict:
+    """Token ids, attention mask, labels and image tensors of one conversation, as the model's forward pass takes
+    them (batch dimension of 1 for ids; pixel_values / image_grid_thw for all images).
+
+    The chat template renders the whole conversation; each assistant turn's content plus the end-of-turn token that
+    follows it (`<|im_end|>`) is tokenised on its own, exactly as generation produces it after
+    the `assistant` header, and labelled when its `train` flag is set; all other text is tokenised with its images
+    (placeholders expanded by the processor) and labelled -100.
+    """
+    import torch
+    from PIL import Image
+
+    text = processor.apply_chat_template(conv.messages, tokenize=False, add_generation_prompt=False)
+    segments, pos = [], 0
+    for content, trained in zip(conv.assistant_texts, conv.train):
+        start = text.find(content, pos)
+        if start < 0:
+            raise ValueError(
+                f"{conv.id}: the chat template changed an assistant turn; cannot locate it for the loss mask"
+            )
+        end = start + len(content)
+        stop = end + len(_END_OF_TURN) if text.startswith(_END_OF_TURN, end) else end
+        segments += [(text[pos:start], False, False), (text[start:stop], True, trained)]
+        pos = stop
+    segments.append((text[pos:], False, False))
+
+    images = iter(Image.fromarray(np.ascontiguousarray(im, dtype=np.uint8)).convert("RGB") for im in conv.images)
+    ids, labels, pixel_values, grids = [], [], [], []
+    for seg, is_assistant, trained in segments:
+        if not seg:
+            continue
+        if is_assistant:
+            seg_ids = processor.tokenizer(seg, add_special_tokens=False)["input_ids"]
+        else:
+            n_images = seg.count("<|vision_start|>")
+            seg_images = [next(images) for _ in range(n_images)]
+            out = processor(text=[seg], images=seg_images or None, return_tensors="pt", **(image_kwargs or {}))
+            seg_ids = out["input_ids"][0].tolist()
+            if n_images:
+                pixel_values.append(out["pixel_values"])
+                grids.append(out["image_grid_thw"])
+        ids += seg_ids
+        labels += seg_ids if trained else [IGNORE_INDEX] * len(seg_ids)
+    if next(images, None) is not None:
+        raise ValueError(f"{conv.id}: more images than image placeholders in the rendered conversation")
+    out = {
+        "input_ids": torch.tensor(ids, dtype=torch.long),
+        "attention_mask": torch.ones(len(ids), dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+    }
+    if pixel_values:
+        out["pixel_values"] = torch.cat(pixel_values)
+        out["image_grid_thw"] = torch.cat(grids)
+    return out
+
+
+def collate(batch: list[dict], pad_token_id: int) -> dict:
+    """Right-pad ids (pad_token_id), attention masks (0) and labels (-100); concatenate image tensors."""
+    import torch
+
+    n = max(len(b["input_ids"]) for b in batch)
+
+    def pad(key, value):
+        return torch.stack([torch.nn.functional.pad(b[key], (0, n - len(b[key])), value=value) for b in batch])
+
+    out = {
+        "input_ids": pad("input_ids", pad_token_id),
+        "attention_mask": pad("attention_mask", 0),
+        "labels": pad("labels", IGNORE_INDEX),
+    }
+    with_images = [b for b in batch if "pixel_values" in b]
+    if with_images:
+        out["pixel_values"] = torch.cat([b["pixel_values"] for b in with_images])
+        out["image_grid_thw"] = torch.cat([b["image_grid_thw"] for b in with_images])
+    return out
+
+
+class SFTDataset:
+    """A map-style dataset of encoded conversations built lazily from trajectory records (a list of dicts).
+
+    Conversations are listed once (cheap: no pixels read); each item reads its image and mask, renders the
+    observations and tokenises on access, so memory stays flat however large the record files are.
+    """
+
+    def __init__(
+        self,
+        records: list[dict],
+        processor,
+        builder: ConversationBuilder,
+        absent_fraction: float = 0.0,
+        image_kwargs: dict | None = None,
+    ):
+        self.processor, self.builder, self.image_kwargs = processor, builder, image_kwargs
+        self.items: list[tuple[int, str | None, int]] = []  # (record index, absent target, conversation index)
+        rng = random.Random(builder.seed)
+        targets = sorted({r["target"] for r in records})
+        image_targets: dict[str, set] = {}
+        for r in records:
+            image_targets.setdefault(r["image"], set()).add(r["target"])
+        for i, r in enumerate(records):
+            masked = set(r["trajectory"].get("meta", {}).get("masked_steps", []))
+            steps = len(r["trajectory"]["steps"])
+            n = sum(k not in masked for k in range(steps)) if builder.history == "current" else 1
+            self.items += [(i, None, k) for k in range(n)]
+        for i, r in enumerate(records):
+            others = [t for t in targets if t not in image_targets[r["image"]]]
+            if r.get("variant", "gold") == "gold" and others and rng.random() < absent_fraction:
+                self.items.append((i, rng.choice(others), 0))
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def conversation(self, index: int) -> Conversation:
+        i, absent, k = self.items[index]
+        if absent is not None:
+            return self.builder.build_absent(self.records[i], absent)
+        convs = self.builder.build(self.records[i])
+        return convs[min(k, len(convs) - 1)]
+
+    def __getitem__(self, index: int) -> dict:
+        return encode(self.processor, self.conversation(index), self.image_kwargs)
+
+    def to_hf(self):
+        """The same items as a Hugging Face `datasets.Dataset` (what trl's trainers take): a column of indices with
+        an on-access transform that builds and encodes the conversation."""
+        import datasets
+
+        return datasets.Dataset.from_dict({"index": list(range(len(self)))}).with_transform(self._encode_batch)
+
+    def _encode_batch(self, batch: dict) -> dict:
+        encoded = [self[i] for i in batch["index"]]
+        return {key: [e.get(key) for e in encoded] for key in encoded[0]}
+
+
+# -- training ----------------------------------------------------------------------------------------------------------
+@dataclass
+class SFTDataArguments:
+    """Where the SFT data comes from and how conversations are built (the rest is trl's SFTConfig / ModelConfig)."""
+
+    trajectories: str = field(default="", metadata={"help": "output folder of `ibisagent-train trajectories`"})
+    variants: str = field(
+        default="gold,self_correction,user_inconsistency", metadata={"help": "record variants to train on"}
+    )
+    history: str = field(
+        default="full", metadata={"help": "full: one conversation per trajectory; current: one per step"}
+    )
+    dialect: str = field(default="ibis", metadata={"help": "action grammar the assistant writes: ibis or released"})
+    template_dir: str | None = field(default=None, metadata={"help": "prompt templates folder (default: packaged)"})
+    absent_fraction: float = field(default=0.1, metadata={"help": "extra absent-target questions per gold record"})
+    max_records: int | None = field(default=None, metadata={"help": "use at most this many records"})
+    freeze_vision_tower: bool = field(default=False, metadata={"help": "train the language model (and merger) only"})
+    min_pixels: int | None = field(default=None, metadata={"help": "image processor pixel budget, lower bound"})
+    max_pixels: int | None = field(default=None, metadata={"help": "image processor pixel budget, upper bound"})
+    build_seed: int = field(default=0, metadata={"help": "seed of instruction/reasoning/answer choices"})
+
+
+def load_records(folder: str | Path, variants: list[str], max_records: int | None = None) -> list[dict]:
+    from ibisagent_training.generate import iter_kept
+
+    records = list(iter_kept(folder, variants))
+    if not records:
+        raise ValueError(f"{folder}: no kept trajectory records of variants {variants}; generate them first")
+    return records[:max_records]
+
+
+def freeze_vision(model) -> int:
+    """Freeze the vision encoder's blocks and patch embedding (the merger that projects into the language model
+    stays trainable). Returns the number of frozen parameters."""
+    visual = getattr(getattr(model, "model", model), "visual", None)
+    if visual is None:
+        raise ValueError(f"{type(model).__name__} has no `visual` tower to freeze")
+    frozen = 0
+    for name, p in visual.named_parameters():
+        if not name.startswith("merger"):
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen
+
+
+def build_trainer(data_args: SFTDataArguments, training_args, model_args, callbacks=None):
+    """The trl `SFTTrainer` for these arguments: model and processor from `model_args.model_name_or_path`, LoRA when
+    `model_args.use_peft`, our dataset and collator (`skip_prepare_dataset`: the loss masks are ours)."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from trl import SFTTrainer, get_peft_config
+
+    if not data_args.trajectories:
+        raise ValueError("give --trajectories: the output folder of `ibisagent-train trajectories`")
+    source = model_args.model_name_or_path
+    dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
+    load = {"revision": model_args.model_revision, "attn_implementation": model_args.attn_implementation}
+    model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, **{k: v for k, v in load.items() if v})
+    processor = AutoProcessor.from_pretrained(
+        source, **({"revision": model_args.model_revision} if model_args.model_revision else {})
+    )
+    if data_args.freeze_vision_tower:
+        freeze_vision(model)
+    image_kwargs = {k: v for k, v in (("min_pixels", data_args.min_pixels), ("max_pixels", data_args.max_pixels)) if v}
+    records = load_records(data_args.trajectories, data_args.variants.split(","), data_args.max_records)
+    builder = ConversationBuilder(
+        dialect=data_args.dialect,
+        template_dir=data_args.template_dir,
+        history=data_args.history,
+        seed=data_args.build_seed,
+    )
+    dataset = SFTDataset(records, processor, builder, data_args.absent_fraction, image_kwargs)
+    training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    training_args.remove_unused_columns = False
+    pad = (
+        processor.tokenizer.pad_token_id
+        if processor.tokenizer.pad_token_id is not None
+        else processor.tokenizer.eos_token_id
+    )
+    return SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset.to_hf(),
+        data_collator=lambda batch: collate(batch, pad),
+        processing_class=processor,
+        peft_config=get_peft_config(model_args),
+        callbacks=callbacks,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trl import ModelConfig, SFTConfig, TrlParser
+
+    parser = TrlParser((SFTDataArguments, SFTConfig, ModelConfig), prog="ibisagent-train sft")
+    data_args, training_args, model_args = parser.parse_args_and_config(args=argv)
+    if not model_args.model_name_or_path:
+        print("ibisagent-train sft: error: give --model_name_or_path (a local folder or hub id)", file=sys.stderr)
+        return 2
+    try:
+        trainer = build_trainer(data_args, training_args, model_args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"ibisagent-train sft: error: {exc}", file=sys.stderr)
+        return 2
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
