@@ -8,6 +8,7 @@ extras = {
     "sam": ["torch>=2.4", "torchvision", "segment-anything"],
     "vlm": VLM,
     "io": ["nibabel", "SimpleITK", "pydicom<3"],
+    "eval": ["matplotlib"],
     "train": VLM + ["trl>=1.0", "peft", "monai", "datasets", "pyyaml"],
     "server": ["monailabel==0.8.5", "pydicom<3", "nibabel", "requests"],
     "test": ["pytest", "pytest-timeout", "hypothesis", "requests", "ruff"],

@@ -157,7 +157,7 @@ REFINEMENT_TEMPLATES: dict[str, tuple[str, ...]] = {
 ANSWER_DIRECT = (
     "Segmentation complete.",
     "Done: {the_target} {is} segmented.",
-    "{The_target} segmented.",
+    "{The_target}: segmented.",
     "Mask of {the_target} completed.",
 )
 ANSWER_AFFIRMATION = (
