@@ -348,13 +348,22 @@ def freeze_vision(model) -> int:
 def build_trainer(data_args: SFTDataArguments, training_args, model_args, callbacks=None):
     """The trl `SFTTrainer` for these arguments: model and processor from `model_args.model_name_or_path`, LoRA when
     `model_args.use_peft`, our dataset and collator (`skip_prepare_dataset`: the loss masks are ours)."""
+    from ibisagent._compat import ensure_torchvision
+
+    ensure_torchvision()  # before transformers/trl import torchvision (CPU-only torch, see ibisagent/_compat.py)
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import SFTTrainer, get_peft_config
 
     if not data_args.trajectories:
         raise ValueError("give --trajectories: the output folder of `ibisagent-train trajectories`")
+    records = load_records(data_args.trajectories, data_args.variants.split(","), data_args.max_records)
     source = model_args.model_name_or_path
+    resume = training_args.resume_from_checkpoint
+    if resume and not model_args.use_peft and (Path(resume) / "config.json").is_file():
+        # Trainer's own reload of a full checkpoint misses Qwen2.5-VL's renamed weight keys under transformers 5 (the
+        # resumed run restarted from the initial weights with the restored optimizer); from_pretrained maps them.
+        source = resume
     dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
     load = {"revision": model_args.model_revision, "attn_implementation": model_args.attn_implementation}
     model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, **{k: v for k, v in load.items() if v})
@@ -364,7 +373,6 @@ def build_trainer(data_args: SFTDataArguments, training_args, model_args, callba
     if data_args.freeze_vision_tower:
         freeze_vision(model)
     image_kwargs = {k: v for k, v in (("min_pixels", data_args.min_pixels), ("max_pixels", data_args.max_pixels)) if v}
-    records = load_records(data_args.trajectories, data_args.variants.split(","), data_args.max_records)
     builder = ConversationBuilder(
         dialect=data_args.dialect,
         template_dir=data_args.template_dir,
@@ -391,16 +399,23 @@ def build_trainer(data_args: SFTDataArguments, training_args, model_args, callba
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ibisagent._compat import ensure_torchvision
+
+    ensure_torchvision()
     from trl import ModelConfig, SFTConfig, TrlParser
 
     parser = TrlParser((SFTDataArguments, SFTConfig, ModelConfig), prog="ibisagent-train sft")
-    data_args, training_args, model_args = parser.parse_args_and_config(args=argv)
+    try:
+        data_args, training_args, model_args = parser.parse_args_and_config(args=argv)
+    except ValueError as exc:  # trl/transformers validate their configs with ValueError (e.g. bf16 on a CPU)
+        print(f"ibisagent-train sft: error: {exc}", file=sys.stderr)
+        return 2
     if not model_args.model_name_or_path:
         print("ibisagent-train sft: error: give --model_name_or_path (a local folder or hub id)", file=sys.stderr)
         return 2
     try:
         trainer = build_trainer(data_args, training_args, model_args)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # missing data, a model folder or hub id that cannot be loaded, bad options
         print(f"ibisagent-train sft: error: {exc}", file=sys.stderr)
         return 2
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
