@@ -1,21 +1,26 @@
 """The weight-free classical click tool: the default tool where no checkpoint is configured.
 
-Per image (`set_image`): colour features (CIELAB, or grey x 100 for grey images), a lightly smoothed copy for the
-random walker and gradient magnitudes, each on a 4-level pyramid (full resolution and three halvings).
+Per image (`set_image`): colour features (CIELAB, or grey x 100 for grey images), a smoothed copy for colour
+comparisons, a lightly smoothed copy for the random walker and gradient magnitudes, each on a 4-level pyramid
+(full resolution and three halvings), plus the image's noise level.
 
-Per click (`predict`), the click decides a region it may claim and the labels nearby are then re-solved:
+Per click (`predict`), the click decides a region it may claim, and the labels nearby are then re-solved:
 
-1. Reach. The first positive click measures the object's radius by casting rays from the click until the colour
-   leaves the seed's range (the tolerance adapts to the image's noise and the seed's spread). A later click's reach
-   is the distance to the current mask's boundary (how deep the click lies in the error), capped for a positive
-   click by the same ray radius.
+1. Reach. Every click has a seed colour (median of its 7x7 neighbourhood) and a colour tolerance that adapts to
+   the image (its noise level) and to the seed (its spread). The first positive click measures the object's radius
+   by casting rays until the colour leaves that tolerance; rays that mostly escape far across the image mean the
+   tolerance was too loose, and they are cast again with half of it. A later click's reach grows with its depth,
+   the distance to the current mask's boundary (how deep the click lies in the error); for a positive click the
+   depth overestimates the error when it lands on a separate part of the object, so its reach is capped by its
+   own ray radius.
 2. Claim. Geodesic distances from the click on an edge-cost map (1 + (gradient / local scale)^2), computed on the
-   pyramid level where the window fits in `window` pixels, give the pixels within reach; clicks of the opposite
-   label compete for pixels (each pixel goes to the geodesically nearer click), and a correction may not spread
-   further than a slab around the label it corrects. The claimed pixels take the click's label.
+   pyramid level where the window fits in `window` pixels, give the pixels within reach. Clicks of the opposite
+   label compete for pixels (each pixel goes to the geodesically nearer click), a claim keeps only pixels whose
+   colour lies within a few seed tolerances of the click's, and a correction may not spread further than a slab
+   around the label it corrects. The claimed pixels (the part connected to the click) take the click's label.
 3. Re-solve. The first click refines its boundary in a thin band at full resolution with a random walker. A later
    click re-solves only a zone around itself (near the mask boundary and within a radius that grows with the
-   reach) with a random walker seeded by all clicks and by the labels outside the zone, so a click corrects
+   depth) with a random walker seeded by all clicks and by the labels outside the zone, so a click corrects
    locally and leaves earlier corrections alone; a band at full resolution then refines the zone's boundary.
 
 The logits returned are the mask at 256x256 (+-10); the tool remembers its recent masks by their logits and
@@ -52,14 +57,17 @@ class ClassicalParams:
     """
 
     window: int = 128  # claim and zone solvers run on the pyramid level where their window is at most this wide
-    seed_sigma: float = 1.5  # Gaussian sigma of the features the ray radius compares with the seed
-    seed_tol_noise: float = 8.0  # ray tolerance: this many times the image's noise level ...
+    seed_sigma: float = 1.5  # Gaussian sigma of the features compared with the click's seed colour
+    seed_tol_noise: float = 8.0  # seed colour tolerance: this many times the image's noise level ...
     seed_tol_spread: float = 8.0  # ... plus this many times the colour spread around the click
+    ray_escape: float = 0.3  # rays whose median runs beyond this fraction of the image side: halve the tolerance
     first_scale: float = 1.5  # first click's reach = first_scale * ray radius + first_offset
     first_offset: float = 4.0
-    reach_scale: float = 2.0  # later click's reach = reach_scale * depth in the error + reach_offset
+    reach_scale: float = 2.0  # later click's reach = reach_scale * depth in the error + reach_offset ...
     reach_offset: float = 6.0
-    edge_scale: float = 2.0  # geodesic cost 1 + (gradient / (edge_scale * local median gradient))^2
+    cap_scale: float = 4.0  # ... capped for a positive click at cap_scale * its ray radius + first_offset
+    edge_scale: float = 1.5  # geodesic cost 1 + (gradient / (edge_scale * local median gradient))^2
+    claim_tol: float = 1.5  # a claim keeps pixels within claim_tol * the seed tolerance of the click's colour
     window_margin: float = 1.2  # claim window half-width = window_margin * reach + 4
     slab_scale: float = 2.5  # a correction claims only within slab_scale * depth + slab_offset of the label it fixes
     slab_offset: float = 2.0
@@ -99,12 +107,12 @@ class ClassicalTool(SegmentationTool):
         grey = np.ptp(image.astype(np.int16), axis=2).max() <= 8
         f = (rgb.mean(2, keepdims=True) * 100).astype(np.float32) if grey else rgb2lab(rgb).astype(np.float32)
         f = np.pad(f, ((0, ph - h), (0, pw - w), (0, 0)), mode="edge")
-        self._smooth = _gauss(f, p.seed_sigma)
-        self._noise = float(np.median(np.sqrt(((f - self._smooth) ** 2).sum(-1)))) + 0.5
-        self._feats, self._rwfeat = [f], [_gauss(f, p.rw_sigma)]
+        smooth = _gauss(f, p.seed_sigma)
+        self._noise = float(np.median(np.sqrt(((f - smooth) ** 2).sum(-1)))) + 0.5
+        self._feats, self._smooth, self._rwfeat = [f], [smooth], [_gauss(f, p.rw_sigma)]
         for _ in range(1, _LEVELS):
-            self._feats.append(_down2(self._feats[-1]))
-            self._rwfeat.append(_down2(self._rwfeat[-1]))
+            for pyramid in (self._feats, self._smooth, self._rwfeat):
+                pyramid.append(_down2(pyramid[-1]))
         self._grads = [_gradient(level) for level in self._feats]
         self._memory.clear()
 
@@ -127,8 +135,8 @@ class ClassicalTool(SegmentationTool):
             else:
                 depth = _distance_to(mask != mask[r, c], r, c)
                 reach = p.reach_scale * depth + p.reach_offset
-                if new.positive:  # a positive correction never reaches beyond the object's own radius
-                    cap = p.first_scale * self._ray_radius(r, c) + p.first_offset
+                if new.positive:  # the depth overestimates the error for a click on a separate part of the object
+                    cap = p.cap_scale * self._ray_radius(r, c) + p.first_offset
                     if cap < reach:
                         reach, depth = cap, min(depth, cap)
             box, claim = self._claim(new, upto, reach)
@@ -147,26 +155,41 @@ class ClassicalTool(SegmentationTool):
             mask[ck.pixel(h, w)] = ck.positive
         return ToolOutput(mask, self._remember(mask), 1.0)
 
-    def _ray_radius(self, r: int, c: int) -> float:
-        """Median over `_RAYS` rays of the distance from (r, c) to where the colour leaves the seed's range."""
+    def _seed(self, r: int, c: int) -> tuple[np.ndarray, float]:
+        """The seed colour at (r, c) (median of the smoothed 7x7 patch, C values) and its colour tolerance."""
         p = self.params
-        h, w = self._image.shape[:2]
-        f = self._smooth
+        f = self._smooth[0]
         seed = f[max(0, r - 3) : r + 4, max(0, c - 3) : c + 4].reshape(-1, f.shape[2])
         mu = np.median(seed, 0)
         spread = float(np.median(np.sqrt(((seed - mu) ** 2).sum(-1))))
-        tol = p.seed_tol_noise * self._noise + p.seed_tol_spread * spread
+        return mu, p.seed_tol_noise * self._noise + p.seed_tol_spread * spread
+
+    def _ray_radius(self, r: int, c: int) -> float:
+        """Median over `_RAYS` rays of the distance from (r, c) to where the colour leaves the seed's tolerance.
+
+        A median beyond `ray_escape` of the image side means the tolerance let the rays escape the object
+        (textured seeds, weak contrast): the rays are measured again with half the tolerance.
+        """
+        h, w = self._image.shape[:2]
+        f = self._smooth[0]
+        mu, tol = self._seed(r, c)
         theta = np.linspace(0, 2 * np.pi, _RAYS, endpoint=False)
         steps = np.arange(1, max(h, w))
         rr, cc = r + np.outer(np.sin(theta), steps), c + np.outer(np.cos(theta), steps)
         inside = (rr >= 0) & (rr <= h - 1) & (cc >= 0) & (cc <= w - 1)
         ri, ci = np.clip(np.round(rr).astype(int), 0, h - 1), np.clip(np.round(cc).astype(int), 0, w - 1)
-        out = (np.sqrt(((f[ri, ci] - mu) ** 2).sum(-1)) > tol) | ~inside
-        stop = out.copy()  # a ray stops at the first of three consecutive outside samples
-        for j in (1, 2):
-            stop[:, :-j] &= out[:, j:]
-        stop[:, -1] = True
-        return float(np.median(np.maximum(steps[np.argmax(stop, 1)] - 0.5, 1)))
+        colour = np.sqrt(((f[ri, ci] - mu) ** 2).sum(-1))
+        for _ in range(2):
+            out = (colour > tol) | ~inside
+            stop = out.copy()  # a ray stops at the first of three consecutive outside samples
+            for j in (1, 2):
+                stop[:, :-j] &= out[:, j:]
+            stop[:, -1] = True
+            radius = float(np.median(np.maximum(steps[np.argmax(stop, 1)] - 0.5, 1)))
+            if radius < self.params.ray_escape * max(h, w):
+                break
+            tol *= 0.5
+        return radius
 
     def _level_for(self, side: int) -> int:
         """The coarsest-needed pyramid level: the first where a window of `side` full-res pixels fits `window`."""
@@ -185,7 +208,8 @@ class ClassicalTool(SegmentationTool):
         return level, max(0, rl - k), min(hl, rl + k + 1), max(0, cl - k), min(wl, cl + k + 1)
 
     def _claim(self, new: Click, clicks: list[Click], reach: float) -> tuple[tuple[int, int, int, int], np.ndarray]:
-        """Pixels geodesically within `reach` of the new click and nearer to it than to any opposite click.
+        """Pixels geodesically within `reach` of the new click, nearer to it than to any opposite click and
+        within `claim_tol` seed tolerances of its colour (the connected part holding the click).
 
         Returns (box, claim): box = (r0, r1, c0, c1) full-res pixels, claim a bool array of the box's shape.
         """
@@ -211,6 +235,9 @@ class ClassicalTool(SegmentationTool):
         if rivals:
             other, _ = MCP_Geometric(cost, fully_connected=True).find_costs(rivals)
             margin = np.minimum(margin, other - dist)
+        smooth = self._smooth[level]
+        colour = np.sqrt(((smooth[r0:r1, c0:c1] - smooth[r // s, c // s]) ** 2).sum(-1))
+        margin = np.minimum(margin, p.claim_tol * self._seed(r, c)[1] - colour)
         if s > 1:
             margin = _resize(margin, (c1 - c0) * s, (r1 - r0) * s)
         box = (r0 * s, min(h, r1 * s), c0 * s, min(w, c1 * s))
