@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import scipy.sparse as sp
@@ -79,6 +79,14 @@ class ClassicalParams:
     rw_sigma: float = 1.0  # Gaussian sigma of the random walker's features
     band: int = 3  # full-resolution boundary band half-width (plus the coarse level's pixel size)
 
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not np.isfinite(value) or value < 0:
+                raise ValueError(f"ClassicalParams.{f.name} = {value!r}: expected a finite number >= 0")
+        if self.window < 16:
+            raise ValueError(f"ClassicalParams.window = {self.window}: expected at least 16 pixels")
+
 
 DEFAULT_PARAMS = ClassicalParams()
 
@@ -118,7 +126,6 @@ class ClassicalTool(SegmentationTool):
 
     # -- per click ---------------------------------------------------------------------------------------
     def _predict(self, clicks: list[Click], prev_logits: np.ndarray | None) -> ToolOutput:
-        p = self.params
         h, w = self._image.shape[:2]
         prev = self._recall(prev_logits)
         if prev is None:  # no history: replay every click in order
@@ -126,34 +133,41 @@ class ClassicalTool(SegmentationTool):
         else:
             mask, start = prev, len(clicks) - 1
         for i in range(start, len(clicks)):
-            new, upto = clicks[i], clicks[: i + 1]
-            r, c = new.pixel(h, w)
-            first = new.positive and not mask.any()
-            if first:
-                depth = self._ray_radius(r, c)
-                reach = p.first_scale * depth + p.first_offset
-            else:
-                depth = _distance_to(mask != mask[r, c], r, c)
-                reach = p.reach_scale * depth + p.reach_offset
-                if new.positive:  # the depth overestimates the error for a click on a separate part of the object
-                    cap = p.cap_scale * self._ray_radius(r, c) + p.first_offset
-                    if cap < reach:
-                        reach, depth = cap, min(depth, cap)
-            box, claim = self._claim(new, upto, reach)
-            sub = mask[box[0] : box[1], box[2] : box[3]]
-            if not first:
-                fixed = sub if new.positive else ~sub  # the label next to the error this click corrects
-                if fixed.any():
-                    claim &= ndimage.distance_transform_edt(~fixed) <= p.slab_scale * depth + p.slab_offset
-            sub[claim] = new.positive
-            if first:
-                level = self._level_for(box[1] - box[0])
-                self._refine_band(mask, box, upto, p.band + 2**level)
-            else:
-                self._resolve_zone(mask, new, upto, depth)
-        for ck in clicks:
-            mask[ck.pixel(h, w)] = ck.positive
+            self._apply(mask, clicks[i], clicks[: i + 1])
+            for ck in clicks[: i + 1]:  # every click keeps its label, whatever the solvers decided
+                mask[ck.pixel(h, w)] = ck.positive
         return ToolOutput(mask, self._remember(mask), 1.0)
+
+    def _apply(self, mask: np.ndarray, new: Click, clicks: list[Click]) -> None:
+        """Update `mask` (HxW bool, in place) for the click `new`, the last of `clicks` (all clicks so far)."""
+        p = self.params
+        h, w = mask.shape
+        r, c = new.pixel(h, w)
+        first = new.positive and not mask.any()
+        if not new.positive and not mask.any():
+            return  # nothing to remove yet
+        if first:
+            depth = self._ray_radius(r, c)
+            reach = p.first_scale * depth + p.first_offset
+        else:
+            depth = _distance_to(mask != mask[r, c], r, c)
+            reach = p.reach_scale * depth + p.reach_offset
+            if new.positive:  # the depth overestimates the error for a click on a separate part of the object
+                cap = p.cap_scale * self._ray_radius(r, c) + p.first_offset
+                if cap < reach:
+                    reach, depth = cap, min(depth, cap)
+        box, claim = self._claim(new, clicks, reach)
+        sub = mask[box[0] : box[1], box[2] : box[3]]
+        if not first:
+            fixed = sub if new.positive else ~sub  # the label next to the error this click corrects
+            if fixed.any():
+                claim &= ndimage.distance_transform_edt(~fixed) <= p.slab_scale * depth + p.slab_offset
+        sub[claim] = new.positive
+        if first:
+            level = self._level_for(box[1] - box[0])
+            self._refine_band(mask, box, clicks, p.band + 2**level)
+        else:
+            self._resolve_zone(mask, new, clicks, depth)
 
     def _seed(self, r: int, c: int) -> tuple[np.ndarray, float]:
         """The seed colour at (r, c) (median of the smoothed 7x7 patch, C values) and its colour tolerance."""
@@ -390,38 +404,37 @@ def _random_walk(feat: np.ndarray, fixed: np.ndarray, value: np.ndarray, beta: f
     """Random-walker probabilities on a 4-connected grid.
 
     feat: HxWxC features; fixed: HxW bool seeds; value: HxW seed values (0/1, read where fixed). Edge weights are
-    exp(-beta * |df|^2 / mean |df|^2) + 1e-4. Returns HxW float: the seeds' values and, elsewhere, the harmonic
-    interpolation (probability of reaching a foreground seed first).
+    exp(-beta * |df|^2 / mean |df|^2) + 1e-4, the mean over all edges of the grid. Returns HxW float: the seeds'
+    values and, elsewhere, the harmonic interpolation (the probability of reaching a foreground seed first).
+    Only the edges touching unknown pixels enter the linear system, so a thin band in a large window stays cheap.
     """
-    h, w = feat.shape[:2]
-    n = h * w
+    unknown = ~fixed
+    n = int(unknown.sum())
+    out = value.astype(np.float64)
+    if n == 0:
+        return out
     dh = ((feat[:, 1:] - feat[:, :-1]) ** 2).sum(-1)
     dv = ((feat[1:] - feat[:-1]) ** 2).sum(-1)
-    d = np.r_[dh.ravel(), dv.ravel()]
-    wt = np.exp(-beta * d / (d.mean() + 1e-6)) + 1e-4
-    idx = np.arange(n).reshape(h, w)
-    i = np.r_[idx[:, :-1].ravel(), idx[:-1].ravel()]
-    j = np.r_[idx[:, 1:].ravel(), idx[1:].ravel()]
-    fixed = fixed.ravel()
-    fval = value.ravel().astype(np.float64)
-    unk = ~fixed
-    nu = int(unk.sum())
-    if nu == 0:
-        return fval.reshape(h, w)
-    pos = np.full(n, -1)
-    pos[unk] = np.arange(nu)
-    deg = np.bincount(i, wt, n) + np.bincount(j, wt, n)
-    uu = unk[i] & unk[j]
-    rows = np.r_[pos[i[uu]], pos[j[uu]], np.arange(nu)]
-    cols = np.r_[pos[j[uu]], pos[i[uu]], np.arange(nu)]
-    vals = np.r_[-wt[uu], -wt[uu], deg[unk]]
-    rhs = np.zeros(nu)
-    a_fs = unk[i] & fixed[j]
-    rhs += np.bincount(pos[i[a_fs]], wt[a_fs] * fval[j[a_fs]], nu)
-    b_fs = unk[j] & fixed[i]
-    rhs += np.bincount(pos[j[b_fs]], wt[b_fs] * fval[i[b_fs]], nu)
-    lap = sp.csc_matrix((vals, (rows, cols)), shape=(nu, nu))
-    x = spl.spsolve(lap, rhs, permc_spec="MMD_AT_PLUS_A")
-    out = fval.copy()
-    out[unk] = x
-    return out.reshape(h, w)
+    scale = (float(dh.sum(dtype=np.float64)) + float(dv.sum(dtype=np.float64))) / (dh.size + dv.size) + 1e-6
+    index = np.full(fixed.shape, -1, np.int64)
+    index[unknown] = np.arange(n)
+    diag, rhs = np.zeros(n), np.zeros(n)
+    rows, cols, vals = [np.arange(n)], [np.arange(n)], []
+    for d, (a, b) in ((dh, (np.s_[:, :-1], np.s_[:, 1:])), (dv, (np.s_[:-1], np.s_[1:]))):
+        ua, ub = unknown[a], unknown[b]
+        touch = ua | ub
+        wt = np.exp(-beta * d[touch] / scale) + 1e-4
+        ia, ib, ua, ub = index[a][touch], index[b][touch], ua[touch], ub[touch]
+        diag += np.bincount(ia[ua], wt[ua], n) + np.bincount(ib[ub], wt[ub], n)
+        both = ua & ub
+        rows += [ia[both], ib[both]]
+        cols += [ib[both], ia[both]]
+        vals += [-wt[both], -wt[both]]
+        to_b, to_a = ua & ~ub, ub & ~ua  # an unknown pixel next to a seed: the seed's value goes to the right side
+        rhs += np.bincount(ia[to_b], wt[to_b] * out[b][touch][to_b], n)
+        rhs += np.bincount(ib[to_a], wt[to_a] * out[a][touch][to_a], n)
+    lap = sp.csc_matrix((np.concatenate([diag, *vals]), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+    # The Laplacian is symmetric and diagonally dominant: LU without pivoting on a symmetric ordering is exact.
+    solver = spl.splu(lap, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
+    out[unknown] = solver.solve(rhs)
+    return out

@@ -1,5 +1,5 @@
 """Tests of the weight-free classical tool: a quality floor under the oracle clicker on real demo masks, and the
-SegmentationTool protocol (errors, empty input, logits round trip, grey and non-square images)."""
+SegmentationTool protocol (errors, empty input, logits round trip, replay, determinism, grey and non-square images)."""
 
 from __future__ import annotations
 
@@ -10,18 +10,20 @@ import pytest
 
 from ibisagent.datasets import list_biomedparse
 from ibisagent.io import read_image, read_mask
-from ibisagent.metrics import iou
+from ibisagent.metrics import iou, noc
 from ibisagent.simulator import next_click
 from ibisagent.tools import build_tool
 from ibisagent.tools.base import ToolError
-from ibisagent.tools.classical import ClassicalTool
+from ibisagent.tools.classical import ClassicalParams, ClassicalTool
 from ibisagent.types import Click
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 DEMO = DATA / "biomedparse-demo" / "biomedparse_datasets" / "BiomedParseData-Demo"
 needs_demo = pytest.mark.skipif(not DEMO.is_dir(), reason=f"demo data not found at {DEMO}")
 
-# One mask per modality family, measured mean IoU after 10 oracle clicks: FLOOR_MEASURED (see the floor test).
+# One mask per modality family, plus two hard ones: the optic cup (fundus, weak edges) and a small polyp whose
+# textured first click used to leak over the whole image (the ray re-cast stops it). Measured with the defaults
+# (10 oracle clicks): mean IoU 0.926 (lowest 0.879), mean NoC@85 4.1 (failures counted as 11).
 QUALITY_MASKS = (
     "06_CT_abdomen_spleen",
     "08_MRI_heart_left+heart+ventricle",
@@ -29,15 +31,22 @@ QUALITY_MASKS = (
     "20_ultrasound_breast_tumor",
     "24_endoscope_colon_neoplastic+polyp",
     "25_dermoscopy_skin_melanoma",
+    "23_fundus_retinal_optic+cup",
+    "24_endoscope_colon_non-neoplastic+polyp",
 )
-FLOOR_MEASURED = 0.0
-FLOOR_MARGIN = 0.03
+FLOOR_MEASURED = 0.926
+FLOOR_MARGIN = 0.02
+LOWEST_FLOOR = 0.84
+NOC_MEASURED = 4.125
+NOC_MARGIN = 0.75
 CLICKS = 10
 
 
-def _run_oracle(tool: ClassicalTool, gt: np.ndarray, n: int) -> tuple[np.ndarray, list[Click]]:
+def _run_oracle(tool: ClassicalTool, gt: np.ndarray, n: int) -> tuple[np.ndarray, list[Click], list[float]]:
+    """Up to n oracle clicks: the final mask, the clicks, and the IoU after each click."""
     pred = np.zeros(gt.shape, bool)
     clicks: list[Click] = []
+    curve: list[float] = []
     logits = None
     for _ in range(n):
         click = next_click(pred, gt, clicks)
@@ -46,7 +55,8 @@ def _run_oracle(tool: ClassicalTool, gt: np.ndarray, n: int) -> tuple[np.ndarray
         clicks.append(click)
         out = tool.predict(clicks, logits)
         logits, pred = out.logits, out.mask
-    return pred, clicks
+        curve.append(iou(pred, gt))
+    return pred, clicks, curve
 
 
 @pytest.fixture(scope="module")
@@ -60,18 +70,22 @@ def demo_image() -> np.ndarray:
 def test_quality_floor_and_clicks_honoured():
     samples = {s.name: s for s in list_biomedparse(DEMO)}
     tool = ClassicalTool()
-    scores = []
+    scores, nocs = [], []
     for name in QUALITY_MASKS:
         sample = samples[name]
         image = read_image(sample.image)
         gt = read_mask(sample.mask, image.shape[:2])
         tool.set_image(image)
-        pred, clicks = _run_oracle(tool, gt, CLICKS)
+        pred, clicks, curve = _run_oracle(tool, gt, CLICKS)
         h, w = gt.shape
         for c in clicks:
             assert pred[c.pixel(h, w)] == c.positive, f"{name}: click {c} not honoured by the final mask"
         scores.append(iou(pred, gt))
-    assert np.mean(scores) >= FLOOR_MEASURED - FLOOR_MARGIN, f"mean IoU@{CLICKS} {np.mean(scores):.3f}: {np.round(scores, 3)}"
+        nocs.append(noc(curve, 0.85, CLICKS))
+    report = f"IoU@{CLICKS} {np.round(scores, 3)}, NoC@85 {nocs}"
+    assert np.mean(scores) >= FLOOR_MEASURED - FLOOR_MARGIN, f"mean IoU@{CLICKS} {np.mean(scores):.3f}: {report}"
+    assert min(scores) >= LOWEST_FLOOR, f"lowest IoU@{CLICKS} {min(scores):.3f} < {LOWEST_FLOOR}: {report}"
+    assert np.mean(nocs) <= NOC_MEASURED + NOC_MARGIN, f"mean NoC@85 {np.mean(nocs):.2f}: {report}"
 
 
 def test_predict_before_set_image_raises():
@@ -96,7 +110,30 @@ def test_no_clicks_gives_empty_mask():
 
 
 def test_build_tool_gives_classical():
-    assert isinstance(build_tool("classical"), ClassicalTool)
+    tool = build_tool("classical")
+    assert isinstance(tool, ClassicalTool) and tool.params == ClassicalParams()
+    with pytest.raises(ToolError, match="checkpoint"):
+        build_tool("classical", checkpoint="weights.pt")
+
+
+def test_params_are_validated_and_frozen():
+    with pytest.raises(ValueError, match="claim_tol"):
+        ClassicalParams(claim_tol=-1.0)
+    with pytest.raises(ValueError, match="window"):
+        ClassicalParams(window=4)
+    params = ClassicalParams()
+    with pytest.raises(AttributeError):
+        params.rw_beta = 1.0  # type: ignore[misc]
+
+
+def test_negative_click_on_empty_mask_is_cheap_and_empty():
+    image, _ = _disk_image(200, 260, 90, 140, 40)
+    tool = ClassicalTool()
+    tool.set_image(image)
+    out = tool.predict([Click(20.5, 20.5, False)])
+    assert not out.mask.any()
+    out = tool.predict([Click(20.5, 20.5, False), Click(140.5, 90.5, True)], out.logits)
+    assert out.mask[90, 140] and not out.mask[20, 20]
 
 
 def _disk_image(h: int, w: int, cy: int, cx: int, r: int, grey: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -133,6 +170,21 @@ def test_synthetic_disk_and_logits_round_trip():
     extra = Click(clicks[0].x, clicks[0].y, True)
     out = other.predict([*clicks, extra], logits)
     assert iou(out.mask, gt) > 0.8
+
+
+def test_replay_and_determinism():
+    """Replaying all clicks without logits gives the incremental result; two tools give identical masks."""
+    image, gt = _disk_image(200, 260, 90, 140, 40)
+    image[80:100, 125:150] = 60  # a dark hole the oracle has to remove with a negative click
+    gt[80:100, 125:150] = False
+    tool = ClassicalTool()
+    tool.set_image(image)
+    pred, clicks, curve = _run_oracle(tool, gt, 6)
+    assert any(not c.positive for c in clicks) and curve[-1] > 0.9
+    other = ClassicalTool()
+    other.set_image(image)
+    np.testing.assert_array_equal(other.predict(clicks).mask, pred)
+    np.testing.assert_array_equal(tool.predict(clicks).mask, pred)
 
 
 def test_grey_input():
