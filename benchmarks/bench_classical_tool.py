@@ -16,8 +16,8 @@ from PIL import Image
 
 from ibisagent.datasets import list_biomedparse
 from ibisagent.io import read_image, read_mask
-from ibisagent.metrics import iou, iou_at, noc
-from ibisagent.simulator import next_click
+from ibisagent.metrics import iou_at, noc
+from ibisagent.simulator import click_with_oracle
 from ibisagent.tools.classical import ClassicalTool
 
 DEFAULT_DATA = (
@@ -42,24 +42,6 @@ def _resize(image: np.ndarray, mask: np.ndarray, size: int | None) -> tuple[np.n
     image = np.asarray(Image.fromarray(image).resize(new, Image.BILINEAR))
     mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(new, Image.NEAREST)) > 0
     return image, mask
-
-
-def run_sample(tool: ClassicalTool, gt: np.ndarray, clicks_n: int) -> tuple[list[float], list[float]]:
-    """The oracle protocol for one mask: IoU after each click (carried forward once perfect), predict seconds."""
-    pred = np.zeros(gt.shape, bool)
-    clicks, curve, seconds = [], [], []
-    logits = None
-    for _ in range(clicks_n):
-        click = next_click(pred, gt, clicks)
-        if click is None:
-            break
-        clicks.append(click)
-        t0 = time.perf_counter()
-        out = tool.predict(clicks, logits)
-        seconds.append(time.perf_counter() - t0)
-        logits, pred = out.logits, out.mask
-        curve.append(iou(pred, gt))
-    return curve, seconds
 
 
 def _row(name: str, rows: list[dict], clicks_n: int) -> str:
@@ -103,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             current = sample.image
         gt = read_mask(sample.mask, image.shape[:2])
         _, gt = _resize(image, gt, args.size)
-        curve, seconds = run_sample(tool, gt, args.clicks)
+        run = click_with_oracle(tool, gt, args.clicks)
+        curve, seconds = run.ious, run.seconds
         results.append({"sample": sample, "curve": curve, "seconds": seconds, "encode": encode})
         print(
             f"\r[{i:>3}/{len(samples)}] {sample.name[:48]:<48} IoU@{args.clicks}={iou_at(curve, args.clicks):.3f} "

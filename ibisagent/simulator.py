@@ -4,7 +4,9 @@ error region. Deterministic; used to build training trajectories, as the oracle 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -71,3 +73,36 @@ def next_clicks_multi(
         if click is not None:
             out.append(click)
     return out
+
+
+@dataclass
+class OracleRun:
+    """What `click_with_oracle` did: the final HxW bool mask, the clicks ((x, y) pixels), the IoU after each click
+    and the seconds of each `tool.predict` call."""
+
+    mask: np.ndarray
+    clicks: list[Click]
+    ious: list[float]
+    seconds: list[float]
+
+
+def click_with_oracle(tool, gt: np.ndarray, n_clicks: int, target: str = DEFAULT_TARGET) -> OracleRun:
+    """The interactive-segmentation benchmark protocol on a tool whose image is set: up to `n_clicks` oracle clicks,
+    each followed by a prediction from all clicks so far and the previous logits; stops early when no error is left."""
+    from ibisagent.metrics import iou
+
+    gt = np.asarray(gt, bool)
+    pred, logits = np.zeros(gt.shape, bool), None
+    run = OracleRun(pred, [], [], [])
+    for _ in range(n_clicks):
+        click = next_click(pred, gt, run.clicks, target)
+        if click is None:
+            break
+        run.clicks.append(click)
+        t0 = time.perf_counter()
+        out = tool.predict(run.clicks, logits)
+        run.seconds.append(time.perf_counter() - t0)
+        logits, pred = out.logits, out.mask
+        run.ious.append(iou(pred, gt))
+    run.mask = pred
+    return run

@@ -11,7 +11,7 @@ import pytest
 from ibisagent.datasets import list_biomedparse
 from ibisagent.io import read_image, read_mask
 from ibisagent.metrics import iou, noc
-from ibisagent.simulator import next_click
+from ibisagent.simulator import click_with_oracle, next_click
 from ibisagent.tools import build_tool
 from ibisagent.tools.base import ToolError
 from ibisagent.tools.classical import ClassicalParams, ClassicalTool
@@ -42,23 +42,6 @@ NOC_MARGIN = 0.75
 CLICKS = 10
 
 
-def _run_oracle(tool: ClassicalTool, gt: np.ndarray, n: int) -> tuple[np.ndarray, list[Click], list[float]]:
-    """Up to n oracle clicks: the final mask, the clicks, and the IoU after each click."""
-    pred = np.zeros(gt.shape, bool)
-    clicks: list[Click] = []
-    curve: list[float] = []
-    logits = None
-    for _ in range(n):
-        click = next_click(pred, gt, clicks)
-        if click is None:
-            break
-        clicks.append(click)
-        out = tool.predict(clicks, logits)
-        logits, pred = out.logits, out.mask
-        curve.append(iou(pred, gt))
-    return pred, clicks, curve
-
-
 @pytest.fixture(scope="module")
 def demo_image() -> np.ndarray:
     if not DEMO.is_dir():
@@ -76,7 +59,8 @@ def test_quality_floor_and_clicks_honoured():
         image = read_image(sample.image)
         gt = read_mask(sample.mask, image.shape[:2])
         tool.set_image(image)
-        pred, clicks, curve = _run_oracle(tool, gt, CLICKS)
+        run = click_with_oracle(tool, gt, CLICKS)
+        pred, clicks, curve = run.mask, run.clicks, run.ious
         h, w = gt.shape
         for c in clicks:
             assert pred[c.pixel(h, w)] == c.positive, f"{name}: click {c} not honoured by the final mask"
@@ -179,7 +163,8 @@ def test_replay_and_determinism():
     gt[80:100, 125:150] = False
     tool = ClassicalTool()
     tool.set_image(image)
-    pred, clicks, curve = _run_oracle(tool, gt, 6)
+    run = click_with_oracle(tool, gt, 6)
+    pred, clicks, curve = run.mask, run.clicks, run.ious
     assert any(not c.positive for c in clicks) and curve[-1] > 0.9
     other = ClassicalTool()
     other.set_image(image)
