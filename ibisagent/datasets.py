@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
 
 @dataclass(frozen=True)
 class BiomedParseSample:
@@ -45,20 +47,32 @@ def find_split(root: str | Path) -> tuple[Path, Path]:
     return pairs[0].with_name(pairs[0].name[:-5]), pairs[0]
 
 
-def list_biomedparse(root: str | Path) -> list[BiomedParseSample]:
-    """All (image, mask) pairs of a BiomedParse split, sorted by mask name. Masks without an image are skipped."""
-    images_dir, masks_dir = find_split(root)
-    images = {p.stem: p for p in images_dir.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")}
+def pair_split(images_dir: Path, masks_dir: Path, orphans: list[Path] | None = None) -> list[BiomedParseSample]:
+    """The (image, mask) pairs of one split's two folders, sorted by mask name. Masks without an image are skipped
+    and, when `orphans` is given, appended to it."""
+    images = {p.stem: p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
     stems = sorted(images, key=len, reverse=True)
     samples = []
     for mask in sorted(masks_dir.iterdir()):
-        if mask.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        if mask.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         stem = next((s for s in stems if mask.stem.startswith(s + "_")), None)
         if stem is None:
+            if orphans is not None:
+                orphans.append(mask)
             continue
-        parts = stem.split("_")
-        modality, site = (parts[-2], parts[-1]) if len(parts) >= 3 else ("unknown", "unknown")
+        modality, site = parse_image_name(stem)
         target = mask.stem[len(stem) + 1 :].replace("+", " ")
         samples.append(BiomedParseSample(images[stem], mask, target, modality, site))
     return samples
+
+
+def parse_image_name(stem: str) -> tuple[str, str]:
+    """(modality, site) of an image named `<image>_<modality>_<site>`; ("unknown", "unknown") otherwise."""
+    parts = stem.split("_")
+    return (parts[-2], parts[-1]) if len(parts) >= 3 else ("unknown", "unknown")
+
+
+def list_biomedparse(root: str | Path) -> list[BiomedParseSample]:
+    """All (image, mask) pairs of a BiomedParse split, sorted by mask name. Masks without an image are skipped."""
+    return pair_split(*find_split(root))

@@ -21,9 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ibisagent.datasets import find_split
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+from ibisagent.datasets import find_split, pair_split, parse_image_name
 
 
 class SampleError(ValueError):
@@ -66,11 +64,6 @@ class DataReport:
 
 
 # -- listing -----------------------------------------------------------------------------------------------------------
-def _parse_name(image_stem: str) -> tuple[str, str]:
-    parts = image_stem.split("_")
-    return (parts[-2], parts[-1]) if len(parts) >= 3 else ("unknown", "unknown")
-
-
 def _sentences(raw) -> list[str]:
     out = []
     for s in raw or []:
@@ -81,20 +74,11 @@ def _sentences(raw) -> list[str]:
 
 
 def _entries_from_names(images_dir: Path, masks_dir: Path, group: str, report: DataReport) -> list[dict]:
-    images = {p.stem: p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-    stems = sorted(images, key=len, reverse=True)
-    entries = []
-    for mask in sorted(masks_dir.iterdir()):
-        if mask.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        stem = next((s for s in stems if mask.stem.startswith(s + "_")), None)
-        if stem is None:
-            report.add(mask, f"missing image: no {images_dir.name}/<image>.png whose name starts this mask's name")
-            continue
-        modality, site = _parse_name(stem)
-        target = mask.stem[len(stem) + 1 :].replace("+", " ")
-        entries.append(_entry(images[stem], mask, target, modality, site, group, []))
-    return entries
+    orphans: list[Path] = []
+    samples = pair_split(images_dir, masks_dir, orphans)
+    for mask in orphans:
+        report.add(mask, f"missing image: no {images_dir.name}/<image>.png whose name starts this mask's name")
+    return [_entry(s.image, s.mask, s.target, s.modality, s.site, group, []) for s in samples]
 
 
 def _entries_from_coco(path: Path, images_dir: Path, masks_dir: Path, group: str, report: DataReport) -> list[dict]:
@@ -123,7 +107,7 @@ def _entries_from_coco(path: Path, images_dir: Path, masks_dir: Path, group: str
             report.add(mask, f"missing image: {image.name} is not on disk")
             continue
         stem = image.stem
-        modality, site = _parse_name(stem)
+        modality, site = parse_image_name(stem)
         target = (
             mask.stem[len(stem) + 1 :].replace("+", " ")
             if mask.stem.startswith(stem + "_")

@@ -209,6 +209,16 @@ class _ReflectivePolicy:
         return None
 
 
+def _read_other_mask(path: str, shape: tuple[int, int]) -> np.ndarray:
+    """Another mask of the same image (HxW bool; empty when unreadable or of another size: it is then not used)."""
+    from ibisagent.io import ImageReadError, read_mask
+
+    try:
+        return read_mask(path, shape)
+    except ImageReadError:
+        return np.zeros(shape, bool)
+
+
 def _other_structure(gt: np.ndarray, others: list[np.ndarray]) -> np.ndarray | None:
     """A mask of another structure of the same image that overlaps the target little (IoU < 0.3), else None."""
     for m in others:
@@ -344,7 +354,11 @@ def generate(
                 initial = None
                 if variant == "user_inconsistency":
                     t0 = time.perf_counter()
-                    others = [dataset[j]["label"] for j in by_image[item["image_path"]] if j != i]
+                    others = [
+                        _read_other_mask(dataset.entries[j]["label"], gt.shape)
+                        for j in by_image[item["image_path"]]
+                        if j != i
+                    ]
                     timer.io += time.perf_counter() - t0
                     initial = _other_structure(gt, others)
                     if initial is None:

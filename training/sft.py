@@ -85,9 +85,13 @@ class ConversationBuilder:
         self.history = history
         self.seed = seed
 
-    def build(self, record: dict, image: np.ndarray | None = None, gt: np.ndarray | None = None) -> list[Conversation]:
+    def build(
+        self, record: dict, image: np.ndarray | None = None, gt: np.ndarray | None = None, only: int | None = None
+    ) -> list[Conversation]:
         """Conversations of one record. image (HxWx3 uint8) and gt (HxW bool) are read from the record's paths
-        when not given."""
+        when not given. only: in "current" history, return just the `only`-th trained step's conversation (the
+        text of every step is still drawn in order, so it is the same as in the full list; only its image is
+        rendered)."""
         from ibisagent.io import read_image, read_mask
         from ibisagent_training.reasoning import describe_step, step_context, undo_context
 
@@ -101,11 +105,11 @@ class ConversationBuilder:
         masked = set(traj.meta.get("masked_steps", []))
 
         empty = np.zeros(size, bool)
-        observations, answers, train = [], [], []
+        shown, answers, train = [], [], []  # per step: the mask the agent sees, its answer, whether it is trained
         for k, step in enumerate(traj.steps):
             previous = traj.steps[k - 1] if k else None
             mask_now = previous.masks.get(target, empty) if previous else traj.initial_masks.get(target, empty)
-            observations.append(overlay(image, mask_now))
+            shown.append(mask_now)
             action = step.action
             if action is None:  # an unparseable turn cannot be trained on; oracle trajectories have none
                 raise ValueError(f"record {record['id']}: step {step.index} has no action ({step.error})")
@@ -135,11 +139,18 @@ class ConversationBuilder:
             messages = [system]
             for k, text in enumerate(answers):
                 messages += [_user(first if k == 0 else later), _assistant(text)]
-            return [Conversation(cid, messages, observations, train)]
+            return [Conversation(cid, messages, [overlay(image, m) for m in shown], train)]
+        steps = [k for k, ok in enumerate(train) if ok]
+        if only is not None:
+            steps = steps[only : only + 1]
         return [
-            Conversation(f"{cid}@{k}", [system, _user(first if k == 0 else later), _assistant(text)], [obs], [ok])
-            for k, (text, obs, ok) in enumerate(zip(answers, observations, train))
-            if ok
+            Conversation(
+                f"{cid}@{k}",
+                [system, _user(first if k == 0 else later), _assistant(answers[k])],
+                [overlay(image, shown[k])],
+                [True],
+            )
+            for k in steps
         ]
 
     def build_absent(self, record: dict, absent_target: str, image: np.ndarray | None = None) -> Conversation:
@@ -282,8 +293,9 @@ class SFTDataset:
         i, absent, k = self.items[index]
         if absent is not None:
             return self.builder.build_absent(self.records[i], absent)
-        convs = self.builder.build(self.records[i])
-        return convs[min(k, len(convs) - 1)]
+        if self.builder.history == "current":
+            return self.builder.build(self.records[i], only=k)[0]
+        return self.builder.build(self.records[i])[0]
 
     def __getitem__(self, index: int) -> dict:
         return encode(self.processor, self.conversation(index), self.image_kwargs)

@@ -101,6 +101,10 @@ def test_current_history_gives_one_sample_per_trained_step(trajectories, tiny):
     ds = SFTDataset(records, processor, builder)
     masked = sum(len(r["trajectory"]["meta"].get("masked_steps", [])) for r in records)
     assert len(ds) == sum(len(r["trajectory"]["steps"]) for r in records) - masked
+    every = builder.build(records[0])
+    for k, conv in enumerate(every):  # one step built alone is that step of the whole list
+        (alone,) = builder.build(records[0], only=k)
+        assert alone.messages == conv.messages and np.array_equal(alone.images[0], conv.images[0])
     batch = collate([ds[0], ds[1]], processor.tokenizer.pad_token_id)
     assert batch["input_ids"].shape == batch["labels"].shape and batch["image_grid_thw"].shape[0] == 2
 
