@@ -316,24 +316,16 @@ class HFVLMPolicy:
 
     # -- generation -------------------------------------------------------------------------------------------------
     def _generation_kwargs(self) -> dict:
-        tokenizer = self.processor.tokenizer
-        eos = self.model.generation_config.eos_token_id
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in eos:
-            eos.append(im_end)
-        kwargs = {
-            "max_new_tokens": self.max_new_tokens,
-            "do_sample": self.do_sample,
-            "eos_token_id": eos or None,
-            "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [None])[0],
-            # Explicit, so that a checkpoint's generation_config (Qwen ships top_k=1, repetition_penalty=1.05)
-            # cannot silently change what the constructor asked for.
-            "repetition_penalty": self.repetition_penalty,
-        }
-        if self.do_sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-        return kwargs
+        return generation_kwargs(
+            self.model,
+            self.processor,
+            self.max_new_tokens,
+            self.do_sample,
+            self.temperature,
+            self.top_p,
+            self.top_k,
+            self.repetition_penalty,
+        )
 
     def _generate(self, inputs, num_images: int):
         import torch
@@ -426,6 +418,37 @@ class HFVLMPolicy:
         if self.seed is None or not self.do_sample:
             return None
         return int(np.random.SeedSequence([self.seed, self._episode, self._calls]).generate_state(1)[0])
+
+
+def generation_kwargs(
+    model: Any,
+    processor: Any,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    repetition_penalty: float = 1.0,
+) -> dict:
+    """`generate` keyword arguments that end a turn at `<|im_end|>` (besides the model's own eos ids) and pass every
+    sampling setting explicitly, so that a checkpoint's generation_config (Qwen ships top_k=1,
+    repetition_penalty=1.05) cannot silently change what the caller asked for."""
+    tokenizer = processor.tokenizer
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in eos:
+        eos.append(im_end)
+    kwargs = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": do_sample,
+        "eos_token_id": eos or None,
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [None])[0],
+        "repetition_penalty": repetition_penalty,
+    }
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
+    return kwargs
 
 
 @contextmanager
