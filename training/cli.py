@@ -1,4 +1,4 @@
-"""The `ibisagent-train` command line: data (trajectories, stats, coco-json) and training (sft)."""
+"""The `ibisagent-train` command line: data (trajectories, stats, coco-json) and training (sft, grpo)."""
 
 from __future__ import annotations
 
@@ -63,12 +63,21 @@ def _sft(argv: list[str]) -> int:
     return sft_main(argv)
 
 
+def _grpo(argv: list[str]) -> int:
+    from ibisagent_training.grpo import main as grpo_main
+
+    return grpo_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     from ibisagent_training.generate import GenerateConfig
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["sft"]:  # its options come from trl's parser (dataclasses + yaml), see `ibisagent-train sft --help`
+    # sft and grpo take their options from trl's parser (dataclasses + yaml), see `ibisagent-train sft --help`
+    if argv[:1] == ["sft"]:
         return _sft(argv[1:])
+    if argv[:1] == ["grpo"]:
+        return _grpo(argv[1:])
     parser = argparse.ArgumentParser(prog="ibisagent-train", description="IBISAgent training: data, SFT and RL.")
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("trajectories", help="simulate click trajectories over BiomedParse data (resumable, shardable)")
@@ -86,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     cj.add_argument("split_folder")
     cj.add_argument("--out", help="output path (default: <dataset>/<split>.json)")
     sub.add_parser("sft", help="cold-start SFT with trl (see `ibisagent-train sft --help`)")
+    sub.add_parser("grpo", help="agentic RL with GRPO (see `ibisagent-train grpo --help`)")
     args = parser.parse_args(argv)
     try:
         return {"trajectories": _trajectories, "stats": _stats, "coco-json": _coco_json}[args.command](args)
