@@ -12,4 +12,14 @@ from ibisagent.types import Action, Click, ParsedOutput
 
 __version__ = "0.1.0"
 
-__all__ = ["Action", "ActionParseError", "Click", "Episode", "Grammar", "ParsedOutput", "Step", "Trajectory", "run_episode"]
+__all__ = [
+    "Action",
+    "ActionParseError",
+    "Click",
+    "Episode",
+    "Grammar",
+    "ParsedOutput",
+    "Step",
+    "Trajectory",
+    "run_episode",
+]

@@ -32,8 +32,11 @@ DIALECTS = ("ibis", "released")
 _TERMINATE = re.compile(r"^(terminate|termination)\.?$", re.IGNORECASE)
 _UNDO = re.compile(r"^undo\.?$", re.IGNORECASE)
 _NUMBER = r"[^,()\s]+"
+# The target ends on a non-space: `.+?` followed by `\s*` re-scanned every run of spaces from each of its
+# positions, quadratic on a long degenerate line (200,000 characters took over a minute). Same language, same groups
+# after the strip the parser applies.
 _IBIS_LINE = re.compile(
-    rf"^(?P<target>.+?)\s*:\s*(?P<attr>[A-Za-z_-]+)(?:\s+point)?\s*\(\s*(?P<x>{_NUMBER})\s*,\s*(?P<y>{_NUMBER})\s*\)$",
+    rf"^(?P<target>.*?\S)\s*:\s*(?P<attr>[A-Za-z_-]+)(?:\s+point)?\s*\(\s*(?P<x>{_NUMBER})\s*,\s*(?P<y>{_NUMBER})\s*\)$",
     re.IGNORECASE,
 )
 _RELEASED_LINE = re.compile(

@@ -64,7 +64,8 @@ class ConversationBuilder:
     library: `prompts.InstructionLibrary` (None: the packaged one). dialect: the grammar the assistant writes.
     template_dir: prompt templates as at inference (None: the packaged ones). history "full" builds one
     conversation per trajectory (every observation); "current" builds one per step (the system prompt, the
-    current observation and the step's answer), matching `HFVLMPolicy(history=...)`.
+    current observation and the step's answer), matching `HFVLMPolicy(history=...)`. reasoning False leaves
+    `<think>` empty (short targets for from-scratch experiments); decimals: digits of the written coordinates.
     """
 
     def __init__(
@@ -74,16 +75,21 @@ class ConversationBuilder:
         template_dir: str | Path | None = None,
         history: str = "full",
         seed: int = 0,
+        reasoning: bool = True,
+        decimals: int = 4,
     ):
         from ibisagent_training.prompts import InstructionLibrary
 
         if history not in ("full", "current"):
             raise ValueError(f"history must be 'full' or 'current', got {history!r}")
         self.library = library or InstructionLibrary()
-        self.grammar = Grammar(dialect)
+        if not 1 <= decimals <= 6:
+            raise ValueError(f"decimals must be between 1 and 6, got {decimals}")
+        self.grammar = Grammar(dialect, decimals=decimals)
         self.templates = PromptTemplates.load(dialect, template_dir)
         self.history = history
         self.seed = seed
+        self.reasoning = reasoning
 
     def build(
         self, record: dict, image: np.ndarray | None = None, gt: np.ndarray | None = None, only: int | None = None
@@ -123,7 +129,7 @@ class ConversationBuilder:
                     ctx.kind = "discard"
             else:
                 ctx = step_context(mask_now, gt, action.clicks, target, modality, k)
-            think = describe_step(ctx, rng)
+            think = describe_step(ctx, rng) if self.reasoning else ""
             answer = self.library.answer(target, modality, rng) if action.terminate else None
             answers.append(self.grammar.format(action, size, think=think, answer=answer))
             train.append(k not in masked)
@@ -332,6 +338,11 @@ class SFTDataArguments:
     min_pixels: int | None = field(default=None, metadata={"help": "image processor pixel budget, lower bound"})
     max_pixels: int | None = field(default=None, metadata={"help": "image processor pixel budget, upper bound"})
     build_seed: int = field(default=0, metadata={"help": "seed of instruction/reasoning/answer choices"})
+    instructions: str | None = field(
+        default=None, metadata={"help": "instruction library file (json/yaml, prompts.InstructionLibrary.from_file)"}
+    )
+    reasoning: bool = field(default=True, metadata={"help": "write <think> reasoning (False: empty <think>)"})
+    decimals: int = field(default=4, metadata={"help": "decimals of the coordinates the assistant writes"})
 
 
 def load_records(folder: str | Path, variants: list[str], max_records: int | None = None) -> list[dict]:
@@ -385,11 +396,16 @@ def build_trainer(data_args: SFTDataArguments, training_args, model_args, callba
     if data_args.freeze_vision_tower:
         freeze_vision(model)
     image_kwargs = {k: v for k, v in (("min_pixels", data_args.min_pixels), ("max_pixels", data_args.max_pixels)) if v}
+    from ibisagent_training.prompts import InstructionLibrary
+
     builder = ConversationBuilder(
+        library=InstructionLibrary.from_file(data_args.instructions) if data_args.instructions else None,
         dialect=data_args.dialect,
         template_dir=data_args.template_dir,
         history=data_args.history,
         seed=data_args.build_seed,
+        reasoning=data_args.reasoning,
+        decimals=data_args.decimals,
     )
     dataset = SFTDataset(records, processor, builder, data_args.absent_fraction, image_kwargs)
     training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}

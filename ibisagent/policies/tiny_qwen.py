@@ -104,6 +104,7 @@ def build_tiny_qwen2_5_vl(
     min_pixels: int = 56 * 56,
     max_pixels: int = 112 * 112,
     grammar_tokens: bool = True,
+    rope_theta: float = 1000000.0,
 ):
     """Build a tiny Qwen2.5-VL: random weights, for tests and from-scratch experiments.
 
@@ -112,6 +113,10 @@ def build_tiny_qwen2_5_vl(
     every image to between `min_pixels` and `max_pixels` pixels, i.e. at most max_pixels / 28**2 image tokens; the
     Qwen2.5-VL chat template). The head dimension is hidden_size / num_attention_heads and must be divisible by 4
     (M-RoPE splits its halves into temporal/height/width sections).
+
+    rope_theta: the rotary base. Qwen's 1e6 leaves the height/width sections (the lowest frequencies) turning by
+    hundredths of a radian per image row at small head sizes, so a small model trained from scratch hardly sees
+    where an image token lies; a base near 10 makes neighbouring rows and columns distinguishable.
 
     out_dir: when given, both are saved there with `save_pretrained`, so that `AutoProcessor.from_pretrained(out_dir)`
     and `AutoModelForImageTextToText.from_pretrained(out_dir)` (or `HFVLMPolicy.from_pretrained(out_dir)`) load them.
@@ -153,7 +158,11 @@ def build_tiny_qwen2_5_vl(
             "num_attention_heads": num_attention_heads,
             "num_key_value_heads": num_key_value_heads,
             "max_position_embeddings": 32768,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope_section},
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": float(rope_theta),
+                "mrope_section": mrope_section,
+            },
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
