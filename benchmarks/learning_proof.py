@@ -13,8 +13,8 @@ GPU mode (larger model, more steps; for a lent GPU machine):
 
 Writes <out>/results.json, <out>/table.md (mean ± std over seeds) and <out>/reward_curves.png, and prints the table.
 Choices that make spatial grounding learnable from scratch: 112 px images (a 4x4 grid of image tokens), a low rotary
-base (rope_theta 10, so neighbouring token rows/columns differ; see `build_tiny_qwen2_5_vl`), two-decimal coordinates,
-an empty <think> and short prompts (the sequence is mostly the image), and a curriculum: single objects first, then
+base (rope_theta 10, so neighbouring token rows/columns differ; see `build_tiny_qwen2_5_vl`), two-decimal coordinates
+in the released checkpoint's dialect (no target name to copy), an empty <think> and short prompts (the sequence is mostly the image), and a curriculum: single objects first, then
 images with distractors where the instruction names the target.
 """
 
@@ -32,10 +32,11 @@ import numpy as np
 
 SHAPES = ("disc", "ellipse", "square", "rectangle", "triangle")  # no ring: its centre is background
 APPEARANCES = ("bright", "dark")
+DIALECT = "released"  # "Positive Point (x, y)": no target name to copy, the episode's target is implied
 TEMPLATES = {
-    "ibis_system.txt": "Segment the named object. Click on it; when the green mask covers it, Terminate.",
-    "ibis_first.txt": "{instruction}",
-    "ibis_refine.txt": "{instruction}. Mask shown.",
+    f"{DIALECT}_system.txt": "Click the named object; Terminate once the green mask covers it.",
+    f"{DIALECT}_first.txt": "{instruction}",
+    f"{DIALECT}_refine.txt": "{instruction}. Mask shown.",
 }
 LIBRARY = {
     "initial": {
@@ -75,7 +76,7 @@ class Plan:
     rl_steps: int = 40
     rl_prompts: int = 8
     rl_generations: int = 8
-    rl_lr: float = 2e-4
+    rl_lr: float = 5e-5
     rl_max_turns: int = 3
     step_mode_steps: int = 4  # a short step-level run, for its steps/s
     eval_max_steps: int = 4
@@ -107,7 +108,7 @@ PLANS = {
         rl_steps=300,
         rl_prompts=16,
         rl_generations=8,
-        rl_lr=1e-4,
+        rl_lr=2e-5,
     ),
 }
 
@@ -133,9 +134,15 @@ def make_data(out: Path, plan: Plan) -> dict:
     return {"shapes": shapes, "templates": out / "templates", "instructions": out / "instructions.json"}
 
 
-def test_cases(shapes: Path) -> list[dict]:
-    """Every object of every held-out image: image, target name, its mask and the image's other masks."""
+def test_cases(shapes: Path, instructions: Path) -> list[dict]:
+    """Every object of every held-out image: image, target name, the instruction (from the same instruction library
+    as training), its mask and the image's other masks."""
+    import random
+
     from ibisagent.io import read_image, read_mask
+    from ibisagent_training.prompts import InstructionLibrary
+
+    library = InstructionLibrary.from_file(instructions)
 
     doc = json.loads((shapes / "test.json").read_text())
     by_image: dict[int, list[dict]] = {}
@@ -152,7 +159,7 @@ def test_cases(shapes: Path) -> list[dict]:
                 {
                     "image": image,
                     "target": a["target"],
-                    "instruction": f"segment the {a['target']}",
+                    "instruction": library.initial(a["target"], "Synthetic", random.Random(a["id"])).text,
                     "gt": masks[a["target"]],
                     "all": list(masks.values()),
                     "objects": len(masks),
@@ -207,7 +214,7 @@ def evaluate_baseline(name: str, cases: list[dict], seed: int, max_steps: int) -
         gt, h, w = case["gt"], *case["gt"].shape
         if name == "oracle":
             episode = Episode(tool, case["image"], [case["target"]], max_steps=max_steps)
-            traj = run_episode(OraclePolicy({case["target"]: gt}), episode, case["instruction"])
+            traj = run_episode(OraclePolicy({case["target"]: gt}, DIALECT), episode, case["instruction"])
             final, steps = traj.final_masks[case["target"]], len(traj.steps)
             first = traj.steps[0].action.clicks[0]
         else:
@@ -246,6 +253,7 @@ def run_sft(init: Path, out: Path, trajectories: Path, data: dict, plan: Plan, s
     data_args = SFTDataArguments(
         trajectories=str(trajectories),
         variants="gold",
+        dialect=DIALECT,
         history="full",
         template_dir=str(data["templates"]),
         absent_fraction=0.0,
@@ -286,6 +294,7 @@ def run_grpo(start: Path, out: Path, data: dict, plan: Plan, seed: int, mode: st
         model_name_or_path=str(start),
         output_dir=str(out),
         mode=mode,
+        dialect=DIALECT,
         data=str(folder),
         split="multi" if mode == "multi_turn" else None,
         template_dir=str(data["templates"]),
@@ -295,7 +304,7 @@ def run_grpo(start: Path, out: Path, data: dict, plan: Plan, seed: int, mode: st
         prompts_per_step=plan.rl_prompts,
         max_steps=steps,
         learning_rate=plan.rl_lr,
-        max_new_tokens=40,
+        max_new_tokens=80,
         micro_batch_size=16,
         save_steps=0,
         logging_steps=5,
@@ -316,7 +325,12 @@ def load_policy(folder: Path, templates: Path):
     from ibisagent.policies.hf_vlm import HFVLMPolicy
 
     return HFVLMPolicy.from_pretrained(
-        folder, template_dir=templates, max_new_tokens=40, device="cuda" if _cuda() else "cpu", dtype="float32"
+        folder,
+        dialect=DIALECT,
+        template_dir=templates,
+        max_new_tokens=80,
+        device="cuda" if _cuda() else "cpu",
+        dtype="float32",
     )
 
 
@@ -373,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     data = make_data(out, plan)
-    cases = test_cases(data["shapes"])
+    cases = test_cases(data["shapes"], data["instructions"])
     t_data = time.perf_counter() - t_start
     print(f"data: {len(cases)} held-out cases, {t_data:.0f} s", flush=True)
 
