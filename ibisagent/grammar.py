@@ -17,7 +17,8 @@ Two dialects share one parser:
 
 Coordinates in text are normalised to [0, scale] (scale 1.0 by default, 4 decimals). A normalised x maps to pixel
 column ``min(floor(x * W), W - 1)`` and the click lies at that pixel's centre, so formatting a click and parsing it
-back returns the same pixel. The parser raises only `ActionParseError`.
+back returns the same pixel (on sides shorter than scale * 10**decimals pixels, 10,000 by default: beyond that the
+rounded text no longer pins down one pixel). The parser raises only `ActionParseError`.
 """
 
 from __future__ import annotations

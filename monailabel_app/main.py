@@ -11,6 +11,7 @@ from ibisagent._compat import ensure_torchvision
 ensure_torchvision()  # before anything imports torchvision (ENVIRONMENT.md: CPU-only torch)
 
 # ruff: noqa: E402 - the fallback above must run before these imports
+import errno
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import traceback
 from dataclasses import asdict
 
 from lib.config import AppConfig
+from lib.datastore import StudiesDatastore
 from lib.errors import ConfigError, RequestError
 from lib.infers.ibisagent_task import IMAGE_ID_KEY, IBISAgentTask
 from monailabel.interfaces.app import MONAILabelApp
@@ -54,7 +56,7 @@ class IBISAgentApp(MONAILabelApp):
             version="1",
             labels=self.config.label_names,
         )
-        _answer_malformed_params_with_400()
+        _answer_client_errors_with_4xx()
 
     def _build_tool(self):
         c = self.config
@@ -95,6 +97,18 @@ class IBISAgentApp(MONAILabelApp):
 
         return new_policy
 
+    def init_datastore(self):
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        from monailabel.config import settings
+
+        return StudiesDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
     def init_infers(self):
         c = self.config
         return {
@@ -117,8 +131,9 @@ class IBISAgentApp(MONAILabelApp):
         into the request, so `image`, `model` and `label_tag` may come from the client: an image must be an id of
         this server's datastore (never a path), and a label tag must be a plain name (it becomes a folder name)."""
         model = request.get("model")
-        if model not in self._infers:
-            raise RequestError(404, f"unknown model {model!r}; this server serves: {', '.join(self._infers)}")
+        if not isinstance(model, str) or model not in self._infers:
+            shown = model if not isinstance(model, str) or len(model) < 80 else model[:77] + "..."
+            raise RequestError(404, f"unknown model {shown!r}; this server serves: {', '.join(self._infers)}")
         image_id = request.get("image")
         datastore = datastore or self.datastore()
         if not isinstance(image_id, str) or image_id not in datastore.list_images():
@@ -136,40 +151,91 @@ class IBISAgentApp(MONAILabelApp):
         return super().infer(request, datastore)
 
 
-# -- MONAI Label 0.8.5 answers a malformed `params` field with a bare 500 -------------------------------------------
-def _answer_malformed_params_with_400() -> None:
-    """The /infer endpoint parses the `params` form field itself (`json.loads`, then `dict.update`) before any app
-    code runs, so malformed JSON or a non-object reaches the client as "500 Internal Server Error". Register a
-    handler that answers exactly those errors with 400 and a message. No-op outside the server."""
+# -- MONAI Label 0.8.5 answers some bad requests with a bare 500 -------------------------------------------------------
+# Its /infer endpoint reads the request itself before any app code runs (`json.loads(params)`, `dict.update`, the
+# uploads' temporary files, a `.bin` label's conversion) and raises HTTP 500 for a missing image and for
+# output=dicom_seg on a local datastore. These handlers answer exactly those with 4xx and a message.
+_ENDPOINT_HTTP_500S = {
+    "Neither Image nor File not Session ID input is provided": (
+        400,
+        "the request names no image: give ?image=<id> of an image in the studies datastore "
+        "(GET /datastore/?output=all lists them)",
+    ),
+    "DICOM SEG format is not supported in a non-DICOM datastore": (
+        400,
+        "output=dicom_seg needs a DICOMweb datastore; this server's studies are a folder: ask for output=all, json "
+        "or image",
+    ),
+}
+
+
+def _answer_client_errors_with_4xx() -> None:
+    """Register the handlers with MONAI Label's FastAPI app. No-op outside the server."""
     server = sys.modules.get("monailabel.app")
-    if server is None or ValueError in server.app.exception_handlers:
+    if server is None or RecursionError in server.app.exception_handlers:
         return
-    server.app.add_exception_handler(ValueError, _params_error)
-    server.app.add_exception_handler(TypeError, _params_error)
+    from starlette.exceptions import HTTPException
+
+    for kind in (ValueError, TypeError, RecursionError, OSError):
+        server.app.add_exception_handler(kind, _endpoint_error)
+    server.app.add_exception_handler(HTTPException, _endpoint_http_error)
     # Starlette copies the handlers into its middleware stack when it first builds it (the app is created inside
     # uvicorn's start-up, after that); dropping the stack makes the next request rebuild it with these handlers.
     server.app.middleware_stack = None
 
 
-async def _params_error(request, exc: Exception):
+async def _endpoint_error(request, exc: Exception):
     from fastapi.responses import JSONResponse
 
-    if not _raised_parsing_params(exc):
+    detail = _client_error(exc)
+    if detail is None:
         raise exc  # any other error keeps MONAI Label's answer (500)
-    if isinstance(exc, json.JSONDecodeError):
-        detail = f"params is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); send a JSON object"
-    else:
-        detail = f'params must be a JSON object such as {{"instruction": "segment the liver"}} ({exc})'
     return JSONResponse(status_code=400, content={"detail": detail})
 
 
-def _raised_parsing_params(exc: Exception) -> bool:
-    """True when `exc` was raised in MONAI Label's run_inference itself or in the json module it called, i.e. by
-    json.loads(params) or request.update(params), not by anything the infer task ran."""
-    frames = [frame for frame, _ in traceback.walk_tb(exc.__traceback__)]
+async def _endpoint_http_error(request, exc):
+    from fastapi.exception_handlers import http_exception_handler
+
+    if exc.status_code == 500 and exc.detail in _ENDPOINT_HTTP_500S and _raised_by_the_endpoint(exc) == []:
+        status, detail = _ENDPOINT_HTTP_500S[exc.detail]
+        exc = type(exc)(status_code=status, detail=detail)
+    return await http_exception_handler(request, exc)
+
+
+def _client_error(exc: Exception) -> str | None:
+    """The message for an error MONAI Label's /infer endpoint raised while reading the request; None for any other
+    error (raised by the app, the task, or anything after the request was read)."""
+    inner = _raised_by_the_endpoint(exc)
+    if inner is None:
+        return None
     json_dir = os.path.dirname(json.__file__)
+    if isinstance(exc, ValueError | TypeError | RecursionError) and all(
+        f.f_code.co_filename.startswith(json_dir) for f in inner
+    ):
+        if isinstance(exc, json.JSONDecodeError):
+            return f"params is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); send a JSON object"
+        if isinstance(exc, RecursionError):
+            return "params nests too deeply to be read; send a flat JSON object of the documented fields"
+        if inner:  # json.loads refused a value, e.g. an integer of more than 4300 digits
+            return f"params cannot be read: {exc}"
+        return f'params must be a JSON object such as {{"instruction": "segment the liver"}} ({exc})'
+    if inner and inner[0].f_code.co_name == "binary_to_image":
+        return (
+            f"the .bin label upload cannot be converted against the image ({type(exc).__name__}: {exc}); "
+            "send the label as a PNG/JPG mask or a NIfTI"
+        )
+    if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
+        return "an uploaded file's name is too long (its extensions name the server's temporary file); shorten it"
+    return None
+
+
+def _raised_by_the_endpoint(exc: Exception) -> list | None:
+    """The frames below MONAI Label's run_inference when `exc` passed through it and not through the app's `infer`
+    (an empty list: raised by run_inference itself); None otherwise."""
+    frames = [frame for frame, _ in traceback.walk_tb(exc.__traceback__)]
     for i, frame in enumerate(frames):
         code = frame.f_code
         if code.co_name == "run_inference" and code.co_filename.endswith(os.path.join("endpoints", "infer.py")):
-            return all(f.f_code.co_filename.startswith(json_dir) for f in frames[i + 1 :])
-    return False
+            inner = frames[i + 1 :]
+            return None if any(f.f_code.co_name == "infer" for f in inner) else inner
+    return None

@@ -42,11 +42,16 @@ BAD_ATTRIBUTES = ["neutral", "posit1ve", "", "pos-itive", "po\u017fitive", "\u04
 COMMANDS = ["Terminate", "Termination", "terminate.", "TERMINATE", "Undo", "undo.", "UNDO"]
 BAD_COMMANDS = ["Terminated", "Terminate!", "Undo it", "stop", "Termin ate", "T\u0435rminate", "\u0130ndo"]
 TARGETS = ["liver tumor", "left kidney", "polyp", "target", "a", "liver: left lobe", "\u809d\u810f", "x (y)", "7"]
-GOOD_NUMBERS = ["0", "1", "0.5", "0.0000", "1.0000", "0.4120", ".5", "5.", "+0.25", "-0", "-0.0", "1e-3", "5E-1",
-                "1e0", "0.1_5", "\u0660.\u0665", "\uff10.\uff15", "1e-400", "0." + "9" * 400, "0" * 300 + ".5"]
-BAD_NUMBERS = ["nan", "NaN", "-nan", "inf", "-inf", "Infinity", "1e400", "-1e400", "9" * 400, "1.0001", "-0.0001",
-               "2", "-1", "1e5", "0x1", "0..5", "1_", "_1", "\u00bd", "1e", "e1", "--1", "0.5.5", "\u2212" + "0.5",
-               "1" + "\u0301", "0.5\u200b", "\U0001d7ce", "True", "None", "1/2", "١e1"]
+# numbers in text: in range, odd but readable (float() takes "_", other scripts' digits), or bad (nan, inf, huge,
+# negative, exponents out of range, lookalike characters)
+GOOD_NUMBERS = [
+    *"0 1 0.5 0.0000 1.0000 0.4120 .5 5. +0.25 -0 -0.0 1e-3 5E-1 1e0 0.1_5 1e-400".split(" "),
+    *("\u0660.\u0665", "\uff10.\uff15", "0." + "9" * 400, "0" * 300 + ".5"),
+]
+BAD_NUMBERS = [
+    *"nan NaN -nan inf -inf Infinity 1e400 -1e400 1.0001 -0.0001 2 -1 1e5 0x1 0..5 1_ _1 1e e1 --1 0.5.5".split(" "),
+    *("9" * 400, "\u00bd", "\u22120.5", "1\u0301", "0.5\u200b", "\U0001d7ce", "\u0661e1", "True", "None", "1/2"),
+]
 JOINERS = ["\n", "\n", "\n", ";", "\r\n", "\n\n", " ; ", "\u2028", "\t\n"]
 SPACES = ["", " ", " ", "  ", "\t", "\u00a0", "\u3000"]
 ALPHABET = (
@@ -92,14 +97,14 @@ class _Generator:
     def click_line(self) -> str:
         r = self.r
         s = lambda: r.choice(SPACES)  # noqa: E731
-        attr = r.choice(ATTRIBUTES) if r.random() < 0.85 else r.choice(BAD_ATTRIBUTES)
+        attr = r.choice(ATTRIBUTES) if r.random() < 0.9 else r.choice(BAD_ATTRIBUTES)
         coords = f"({s()}{self.number()}{s()},{s()}{self.number()}{s()})"
         if r.random() < 0.05:
             coords = r.choice(["", "(0.5)", "(0.5, 0.5, 0.5)", "[0.5, 0.5]", "(0.5, 0.5", "0.5, 0.5)", "()"])
         released = f"{attr.capitalize()}{s()} Point{s()}{coords}"
         ibis = f"{r.choice(TARGETS) if r.random() < 0.9 else self.text(r.randint(0, 8))}{s()}:{s()}{attr}{s()}{coords}"
         own, other = (released, ibis) if self.dialect == "released" else (ibis, released)
-        return own if r.random() < 0.85 else other
+        return own if r.random() < 0.9 else other
 
     def action_body(self) -> str:
         r = self.r
@@ -121,7 +126,7 @@ class _Generator:
         if r.random() < 0.8:
             parts.append(f"<think>\n{self.text(r.randint(0, 40))}\n</think>")
         body = self.action_body()
-        if r.random() < 0.9:
+        if r.random() < 0.95:
             parts.append(f"<action>\n{body}\n</action>")
         if r.random() < (0.6 if body.lower().startswith("termin") else 0.05):
             parts.append(f"<answer>\n{self.text(r.randint(0, 30))}\n</answer>")
@@ -195,7 +200,7 @@ def test_generated_outputs_parse_or_raise_action_parse_error():
     assert not failures, f"{len(failures)} outputs escaped:\n" + "\n".join(failures[:10])
     assert sum(outcomes.values()) == N_GENERATED
     # the mix reaches every outcome: enough valid turns, and every kind of error
-    assert outcomes["ok"] >= N_GENERATED // 6 and set(outcomes) == KINDS | {"ok"}, outcomes
+    assert outcomes["ok"] >= N_GENERATED // 8 and set(outcomes) == KINDS | {"ok"}, outcomes
     print(f"{N_GENERATED} outputs in {elapsed:.1f} s: {dict(outcomes.most_common())}")
 
 

@@ -44,6 +44,8 @@ SESSION_WAIT_S = 60.0  # how long a request waits for another request on the sam
 # The name tempfile.NamedTemporaryFile gives, which is how MONAI Label's /infer endpoint saves an uploaded label.
 _UPLOAD_NAME = re.compile(r"tmp[a-z0-9_]{8}(\.[A-Za-z0-9]+)*")
 _MAX_POINTS = 256
+# Text that reaches the model's prompt: a megabyte-long instruction kept a tiny model busy for minutes.
+_MAX_INSTRUCTION, _MAX_NAME = 2000, 200
 
 
 class IBISAgentTask(InferTask):
@@ -275,7 +277,7 @@ class _Params:
                 raise RequestError(400, f"params.instruction must be a string, got {_show(instruction)}")
             if not instruction.strip():
                 raise RequestError(400, "params.instruction is empty; say what to segment, e.g. 'segment the liver'")
-            instruction = instruction.strip()
+            instruction = _short(instruction.strip(), "params.instruction", _MAX_INSTRUCTION)
         session_id = request.get("session_id")
         if session_id is not None and (not isinstance(session_id, str) or not session_id):
             raise RequestError(400, f"params.session_id must be a session id string or null, got {_show(session_id)}")
@@ -296,8 +298,12 @@ class _Params:
         # MONAI Label puts an uploaded label's temporary path under "label"; Slicer's stock module sends the
         # segment's name there. Only a fresh upload in the temp folder is read as a file.
         label = request.get("label")
+        if label is not None and not isinstance(label, str):
+            raise RequestError(400, f"params.label must be a segment name or left out, got {_show(label)}")
         label_file = label if _is_upload(label) else None
         label_name = label.strip() if isinstance(label, str) and label_file is None and label.strip() else None
+        if label_name is not None:
+            _short(label_name, "params.label", _MAX_NAME)
         return cls(
             instruction=instruction,
             slice=_int(request, "slice", None),
@@ -309,7 +315,7 @@ class _Params:
             session_id=session_id,
             undo_to=_int(request, "undo_to", None),
             run_agent=run_agent,
-            target=target.strip() if target else None,
+            target=_short(target.strip(), "params.target", _MAX_NAME) if target else None,
             label_name=label_name,
             label_file=label_file,
         )
@@ -346,7 +352,7 @@ def _points(request: dict, name: str) -> list[list[float]]:
         raise RequestError(400, f"params.{name} must be a list of at most {_MAX_POINTS} points, got {_show(value)}")
     for i, p in enumerate(value):
         ok = isinstance(p, list) and len(p) in (2, 3)
-        ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in p)
+        ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) and _finite(v) for v in p)
         if not ok:
             raise RequestError(
                 400, f"params.{name}[{i}] must be [x, y] pixels or [i, j, k] voxel indices, got {_show(p)}"
@@ -377,6 +383,19 @@ def _to_pixel(
             f"(pixels of the {width}x{height} slice)",
         )
     return float(x), float(y)
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float range: JSON allows 4300 digits
+        return False
+
+
+def _short(text: str, name: str, limit: int) -> str:
+    if len(text) > limit:
+        raise RequestError(400, f"{name} is {len(text)} characters long; at most {limit} are accepted")
+    return text
 
 
 def _is_upload(value: Any) -> bool:
