@@ -304,6 +304,8 @@ class BatchSampler:
         eos = gen_kwargs["eos_token_id"] or []
         self.eos = {eos} if isinstance(eos, int) else set(eos)
         self._cond = threading.Condition()
+        # Episode threads tokenise through one processor; a fast tokenizer's Rust state must not be entered twice.
+        self.processor_lock = threading.Lock()
         self._open: set[int] = set()
         self._pending: dict[int, dict] = {}
         self._results: dict[int, Any] = {}
@@ -416,24 +418,26 @@ class RolloutPolicy:
         image = Image.fromarray(np.ascontiguousarray(obs.image, dtype=np.uint8)).convert("RGB")
         user_text = self.templates.user_text(obs.instruction, obs.targets, first=obs.step == 0, feedback=obs.feedback)
         user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]}
-        if not self.segments:
-            system = {
-                "role": "system",
-                "content": [{"type": "text", "text": self.templates.system_text(obs.instruction, obs.targets)}],
-            }
-            text = self.processor.apply_chat_template([system, user], add_generation_prompt=True, tokenize=False)
-        else:
-            last = self.segments[-1].ids
-            closed = bool(last) and last[-1] == self._end_of_turn
-            text = (self._close.removeprefix("<|im_end|>") if closed else self._close) + self._open(user)
-        enc = self.processor(text=[text], images=[image], return_tensors="pt", **self.image_kwargs)
+        system = {
+            "role": "system",
+            "content": [{"type": "text", "text": self.templates.system_text(obs.instruction, obs.targets)}],
+        }
+        with self.sampler.processor_lock:
+            if not self.segments:
+                text = self.processor.apply_chat_template([system, user], add_generation_prompt=True, tokenize=False)
+            else:
+                last = self.segments[-1].ids
+                closed = bool(last) and last[-1] == self._end_of_turn
+                text = (self._close.removeprefix("<|im_end|>") if closed else self._close) + self._open(user)
+            enc = self.processor(text=[text], images=[image], return_tensors="pt", **self.image_kwargs)
         self.segments.append(Segment(enc["input_ids"][0].tolist(), model=False))
         self.pixel_values.append(enc["pixel_values"])
         self.grids.append(enc["image_grid_thw"])
         self.images.append(np.asarray(obs.image))
         new, logps = self.sampler.request(self.slot, self.inputs())
         self.segments.append(Segment(new, model=True, logps=logps))
-        return self.processor.tokenizer.decode(new, skip_special_tokens=True)
+        with self.sampler.processor_lock:
+            return self.processor.tokenizer.decode(new, skip_special_tokens=True)
 
     def inputs(self) -> dict:
         import torch
@@ -517,23 +521,24 @@ def rollout(
     processor,
     rows: Sequence[Row],
     args: GRPOArguments,
-    tool_factory: Callable[[], Any],
+    tools: Sequence[Any],
     templates: PromptTemplates,
     reward_config,
 ) -> tuple[list[Rollout], dict]:
     """Sample `args.num_generations` episodes per row, all at once (one thread per episode, batched generation), and
-    score them. Returns the rollouts (row-major: group g holds rollouts[g*G:(g+1)*G]) and timings."""
+    score them. tools: one segmentation tool per row (the row's image is set on it once and its G episodes share
+    it). Returns the rollouts (row-major: group g holds rollouts[g*G:(g+1)*G]) and timings."""
+    if len(tools) < len(rows):
+        raise ValueError(f"{len(rows)} rows need as many tools, got {len(tools)}")
     sampler = BatchSampler(
         model,
         processor,
         generation_kwargs(model, processor, args.max_new_tokens, True, args.temperature, args.top_p, args.top_k, 1.0),
     )
     t0 = time.perf_counter()
-    tools = []
-    for row in rows:
-        tool = _SharedTool(tool_factory())
+    tools = [_SharedTool(tool) for tool in tools[: len(rows)]]
+    for tool, row in zip(tools, rows):
         tool.set_image(row.image)
-        tools.append(tool)
     slots = range(len(rows) * args.num_generations)
     sampler.open(slots)
     results: dict[int, Rollout] = {}
@@ -697,7 +702,8 @@ class GRPOTrainer:
             model.gradient_checkpointing_enable()
         self.templates = PromptTemplates.load(args.dialect, args.template_dir)
         Grammar(args.dialect)
-        self.tool_factory = tool_factory or _tool_factory(args)
+        factory = tool_factory or _tool_factory(args)
+        self.tools = [factory() for _ in range(args.prompts_per_step)]  # built once, one per prompt of a step
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
         warmup = max(args.warmup_steps, 0)
@@ -751,9 +757,7 @@ class GRPOTrainer:
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
         torch.manual_seed(int(np.random.SeedSequence([args.seed, self.step, 7]).generate_state(1)[0]))
-        rollouts, timings = rollout(
-            model, self.processor, rows, args, self.tool_factory, self.templates, self.reward_config
-        )
+        rollouts, timings = rollout(model, self.processor, rows, args, self.tools, self.templates, self.reward_config)
         advantages = group_advantages([r.rewards["total"] for r in rollouts], args.num_generations, args.scale_rewards)
         for r, a in zip(rollouts, advantages):
             r.advantage = a
@@ -919,7 +923,6 @@ def _load(source: str):
 def _tool_factory(args: GRPOArguments) -> Callable[[], Any]:
     from ibisagent.tools import build_tool
 
-    build_tool(args.tool, args.tool_checkpoint, args.tool_config)  # fail early on a bad tool name or checkpoint
     return lambda: build_tool(args.tool, args.tool_checkpoint, args.tool_config)
 
 

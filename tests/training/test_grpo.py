@@ -149,7 +149,13 @@ def test_multi_turn_batch_holds_exactly_the_observations_and_model_tokens(setup)
     templates = PromptTemplates.load("ibis", args.template_dir)
     torch.manual_seed(0)
     rollouts, timings = rollout(
-        model, processor, [rows[0], rows[1]], args, lambda: build_tool("classical"), templates, args.reward_config()
+        model,
+        processor,
+        [rows[0], rows[1]],
+        args,
+        [build_tool("classical") for _ in range(2)],
+        templates,
+        args.reward_config(),
     )
     # one batched generate call per round of turns, for all 6 episodes together
     assert len(rollouts) == 6 and timings["generate_calls"] == max(len(r.trajectory.steps) for r in rollouts)
@@ -204,7 +210,7 @@ def test_step_rows_replay_the_trajectory_before_the_policy_acts(setup, tmp_path)
         processor,
         k_rows,
         args,
-        lambda: build_tool("classical"),
+        [build_tool("classical") for _ in range(2)],
         PromptTemplates.load("ibis", args.template_dir),
         args.reward_config(),
     )
