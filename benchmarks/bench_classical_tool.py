@@ -12,6 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from _paths import DEMO  # benchmarks/ is on sys.path when a script runs
 from PIL import Image
 
 from ibisagent.datasets import list_biomedparse
@@ -20,14 +21,7 @@ from ibisagent.metrics import iou_at, noc
 from ibisagent.simulator import click_with_oracle
 from ibisagent.tools.classical import ClassicalTool
 
-DEFAULT_DATA = (
-    Path(__file__).resolve().parents[1].parent
-    / "shared"
-    / "data"
-    / "biomedparse-demo"
-    / "biomedparse_datasets"
-    / "BiomedParseData-Demo"
-)
+DEFAULT_DATA = DEMO
 AT = (1, 5, 10, 20)
 TARGET_IOU20, TARGET_NOC85, TARGET_SECONDS = 0.88, 9.0, 0.25
 

@@ -20,16 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from _paths import DEMO  # benchmarks/ is on sys.path when a script runs
+
 from ibisagent.tools import TOOLS, build_tool
 
-DEFAULT_DATA = (
-    Path(__file__).resolve().parents[1].parent
-    / "shared"
-    / "data"
-    / "biomedparse-demo"
-    / "biomedparse_datasets"
-    / "BiomedParseData-Demo"
-)
+DEFAULT_DATA = DEMO
 
 
 def bench_tool(name: str, args: argparse.Namespace) -> dict:

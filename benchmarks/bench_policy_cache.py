@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _paths import DEMO  # benchmarks/ is on sys.path when a script runs
 
 from ibisagent.datasets import list_biomedparse
 from ibisagent.episode import Episode
@@ -38,14 +39,7 @@ from ibisagent.policies.base import Observation
 from ibisagent.simulator import next_click
 from ibisagent.types import Action, Click
 
-DEFAULT_DATA = (
-    Path(__file__).resolve().parents[1].parent
-    / "shared"
-    / "data"
-    / "biomedparse-demo"
-    / "biomedparse_datasets"
-    / "BiomedParseData-Demo"
-)
+DEFAULT_DATA = DEMO
 TARGET_RATIO = 1.2
 TARGET_CASE_SECONDS_GPU = 6.0
 

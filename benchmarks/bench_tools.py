@@ -24,20 +24,14 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from _paths import DEMO  # benchmarks/ is on sys.path when a script runs
 
 from ibisagent.datasets import list_biomedparse
 from ibisagent.io import read_image, read_mask
 from ibisagent.simulator import click_with_oracle
 from ibisagent.tools import TOOLS, build_tool
 
-DEFAULT_DATA = (
-    Path(__file__).resolve().parents[1].parent
-    / "shared"
-    / "data"
-    / "biomedparse-demo"
-    / "biomedparse_datasets"
-    / "BiomedParseData-Demo"
-)
+DEFAULT_DATA = DEMO
 # SAM2 / MedSAM2 re-run only the prompt encoder and mask decoder per click.
 TARGET_PERCENT = {"sam2": 5.0, "medsam2": 5.0}
 # The library each tool needs beyond torch; a missing one is reported as skipped, not as a failure.
