@@ -914,8 +914,11 @@ def _rows(args: GRPOArguments, library):
 def _load(source: str):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from ibisagent.policies.hf_vlm import resolve_model_source
+
     if not source:
         raise ValueError("give --model_name_or_path: the SFT checkpoint folder (or a Hub id) to start from")
+    source = resolve_model_source(source)  # a local folder with config.json, or something that can only be a Hub id
     model = AutoModelForImageTextToText.from_pretrained(source, dtype="auto")
     return model, AutoProcessor.from_pretrained(source)
 
@@ -986,6 +989,7 @@ def _format_metrics(m: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from ibisagent._compat import ensure_torchvision
+    from ibisagent.tools import ToolError
 
     ensure_torchvision()
     from trl import TrlParser
@@ -994,7 +998,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         (args,) = parser.parse_args_and_config(args=argv)
         trainer = GRPOTrainer(args)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ToolError) as exc:  # bad data, options, model folder or tool checkpoint
         print(f"ibisagent-train grpo: error: {exc}", file=sys.stderr)
         return 2
     trainer.train()

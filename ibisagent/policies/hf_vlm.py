@@ -211,7 +211,7 @@ class HFVLMPolicy:
 
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        source = _resolve_model_source(model)
+        source = resolve_model_source(model)
         ensure_torchvision()
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -479,7 +479,7 @@ def _load_error(source: str, is_local: bool, exc: Exception) -> RuntimeError:
     )
 
 
-def _resolve_model_source(model: str | Path) -> str:
+def resolve_model_source(model: str | Path) -> str:
     """A local folder, or a string that can only mean a Hub id; anything else raises ValueError saying why."""
     text = str(model)
     path = Path(text).expanduser()
