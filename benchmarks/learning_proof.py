@@ -398,18 +398,33 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         t0 = time.perf_counter()
         root = out / f"seed{seed}"
-        build_tiny_qwen2_5_vl(root / "init", seed=seed, min_pixels=plan.size**2, max_pixels=plan.size**2, **plan.model)
+        # Phases whose output folder is complete are reused (an interrupted run continues); timings are kept per seed.
+        saved = root / "timing.json"
+        timing[seed] = json.loads(saved.read_text()) if saved.is_file() else {}
+        if not (root / "init" / "config.json").is_file():
+            build_tiny_qwen2_5_vl(
+                root / "init", seed=seed, min_pixels=plan.size**2, max_pixels=plan.size**2, **plan.model
+            )
         results["untrained"].append(
             evaluate_policy(load_policy(root / "init", data["templates"]), cases, plan.eval_max_steps)
         )
-        s1 = run_sft(root / "init", root / "sft-single", out / "traj-single", data, plan, plan.sft_single_steps, seed)
-        s2 = run_sft(root / "sft-single", root / "sft", out / "traj-multi", data, plan, plan.sft_multi_steps, seed)
+        if not (root / "sft" / "config.json").is_file():
+            s1 = run_sft(
+                root / "init", root / "sft-single", out / "traj-single", data, plan, plan.sft_single_steps, seed
+            )
+            s2 = run_sft(root / "sft-single", root / "sft", out / "traj-multi", data, plan, plan.sft_multi_steps, seed)
+            timing[seed].update(sft_seconds=s1 + s2, sft_steps=plan.sft_single_steps + plan.sft_multi_steps)
+            saved.write_text(json.dumps(timing[seed]))
         results["SFT"].append(evaluate_policy(load_policy(root / "sft", data["templates"]), cases, plan.eval_max_steps))
         print(f"seed {seed} SFT: {results['SFT'][-1]}", flush=True)
-        t_rl = time.perf_counter()
-        history = run_grpo(root / "sft", root / "rl", data, plan, seed, "multi_turn", plan.rl_steps, data["shapes"])
-        rl_seconds = time.perf_counter() - t_rl
-        curves[seed] = history
+        if not (root / "rl" / "config.json").is_file():
+            t_rl = time.perf_counter()
+            run_grpo(root / "sft", root / "rl", data, plan, seed, "multi_turn", plan.rl_steps, data["shapes"])
+            rl_seconds = time.perf_counter() - t_rl
+            timing[seed].update(rl_seconds=rl_seconds, rl_steps_per_second=plan.rl_steps / rl_seconds)
+            saved.write_text(json.dumps(timing[seed]))
+        lines = (root / "rl" / "metrics.jsonl").read_text().splitlines()
+        curves[seed] = [json.loads(line) for line in lines if line.strip()]
         results["SFT+RL"].append(
             evaluate_policy(load_policy(root / "rl", data["templates"]), cases, plan.eval_max_steps)
         )
@@ -420,17 +435,12 @@ def main(argv: list[str] | None = None) -> int:
                     name.split()[0] if name != "random object" else "random_object", cases, seed, plan.eval_max_steps
                 )
             )
-        timing[seed] = {
-            "sft_seconds": s1 + s2,
-            "sft_steps": plan.sft_single_steps + plan.sft_multi_steps,
-            "rl_seconds": rl_seconds,
-            "rl_steps_per_second": plan.rl_steps / rl_seconds,
-            "seed_seconds": time.perf_counter() - t0,
-        }
-        if seed == args.seeds[0] and plan.step_mode_steps:
+        if seed == args.seeds[0] and plan.step_mode_steps and "step_mode_steps_per_second" not in timing[seed]:
             t_step = time.perf_counter()
             run_grpo(root / "sft", root / "rl-step", data, plan, seed, "step", plan.step_mode_steps, out / "traj-multi")
             timing[seed]["step_mode_steps_per_second"] = plan.step_mode_steps / (time.perf_counter() - t_step)
+        timing[seed]["this_run_seconds"] = time.perf_counter() - t0
+        saved.write_text(json.dumps(timing[seed]))
         print(f"seed {seed}: {timing[seed]}", flush=True)
 
     total = time.perf_counter() - t_start

@@ -301,6 +301,11 @@ class BatchSampler:
     def __init__(self, model, processor, gen_kwargs: dict):
         self.model, self.processor, self.gen_kwargs = model, processor, gen_kwargs
         self.pad_id = gen_kwargs["pad_token_id"]
+        # The model must not write image placeholders: a sampled <|image_pad|> would count as an image slot in the
+        # next turn and in the training pass (more placeholders than image features).
+        config = model.config
+        names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+        self.vision_tokens = [int(getattr(config, n)) for n in names if getattr(config, n, None) is not None]
         eos = gen_kwargs["eos_token_id"] or []
         self.eos = {eos} if isinstance(eos, int) else set(eos)
         self._cond = threading.Condition()
@@ -366,7 +371,13 @@ class BatchSampler:
                 device
             )
         with torch.inference_mode():
-            out = self.model.generate(**inputs, **self.gen_kwargs, return_dict_in_generate=True, output_logits=True)
+            out = self.model.generate(
+                **inputs,
+                **self.gen_kwargs,
+                suppress_tokens=self.vision_tokens or None,
+                return_dict_in_generate=True,
+                output_logits=True,
+            )
         new = out.sequences[:, n:]
         temperature = self.gen_kwargs.get("temperature", 1.0) if self.gen_kwargs.get("do_sample") else 1.0
         logits = torch.stack(out.logits, dim=1).float() / temperature  # (B, new, V): before any top-p/top-k filter

@@ -344,3 +344,33 @@ def test_learning_proof_script_runs_end_to_end(tmp_path, monkeypatch):
     assert (tmp_path / "reward_curves.png").stat().st_size > 1000 and "| SFT+RL |" in (
         tmp_path / "table.md"
     ).read_text()
+
+
+def test_sampling_never_writes_image_placeholders(setup):
+    """A policy that would rather write <|image_pad|> (and the other vision tokens) than anything else is kept from
+    it: such a token would be an image slot without features in the next turn and in the training pass."""
+    import copy
+
+    import torch
+
+    root, _, model, processor = setup
+    biased = copy.deepcopy(model)
+    config = biased.config
+    vision = [config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id]
+    with torch.no_grad():
+        head = biased.lm_head.weight
+        hidden = torch.randn(head.shape[1])
+        head.zero_()
+        head[vision] = hidden * 50  # every other token's logit is 0: the vision tokens' logits are large
+    args = _args(root, max_new_tokens=8, max_invalid=2, max_turns=2)
+    rows = SegmentationRows(args.data, None, _library(root), args.max_turns)
+    templates = PromptTemplates.load("ibis", args.template_dir)
+    torch.manual_seed(0)
+    rollouts, _ = rollout(
+        biased, processor, [rows[0]], args, [build_tool("classical")], templates, args.reward_config()
+    )
+    written = {t for r in rollouts for s in r.policy.segments if s.model for t in s.ids}
+    assert written and not written & set(vision)
+    batch = collate([r.policy.encoded() for r in rollouts], processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        token_logps(biased, batch)  # image slots and features agree
