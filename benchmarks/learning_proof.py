@@ -196,6 +196,9 @@ def evaluate_policy(policy, cases: list[dict], max_steps: int) -> dict:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
+BASELINES = {"centre click": "centre", "random object": "random_object", "oracle": "oracle"}  # table row: baseline
+
+
 def evaluate_baseline(name: str, cases: list[dict], seed: int, max_steps: int) -> dict:
     """centre: one positive click at the image centre; random_object: one positive click at the deepest point of a
     randomly chosen object of the image; oracle: the simulator's clicks until IoU 0.9 or max_steps."""
@@ -393,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ibisagent.policies.tiny_qwen import build_tiny_qwen2_5_vl
 
-    results = {k: [] for k in ("untrained", "SFT", "SFT+RL", "centre click", "random object", "oracle")}
+    results = {k: [] for k in ("untrained", "SFT", "SFT+RL", *BASELINES)}
     curves, timing = {}, {}
     for seed in args.seeds:
         t0 = time.perf_counter()
@@ -429,12 +432,8 @@ def main(argv: list[str] | None = None) -> int:
             evaluate_policy(load_policy(root / "rl", data["templates"]), cases, plan.eval_max_steps)
         )
         print(f"seed {seed} SFT+RL: {results['SFT+RL'][-1]}", flush=True)
-        for name in ("centre click", "random object", "oracle"):
-            results[name].append(
-                evaluate_baseline(
-                    name.split()[0] if name != "random object" else "random_object", cases, seed, plan.eval_max_steps
-                )
-            )
+        for name, baseline in BASELINES.items():
+            results[name].append(evaluate_baseline(baseline, cases, seed, plan.eval_max_steps))
         if seed == args.seeds[0] and plan.step_mode_steps and "step_mode_steps_per_second" not in timing[seed]:
             t_step = time.perf_counter()
             run_grpo(root / "sft", root / "rl-step", data, plan, seed, "step", plan.step_mode_steps, out / "traj-multi")

@@ -43,10 +43,9 @@ from typing import Any
 import numpy as np
 
 from ibisagent.episode import Episode
-from ibisagent.grammar import Grammar
 from ibisagent.loop import run_episode
 from ibisagent.policies.base import Observation
-from ibisagent.policies.hf_vlm import PromptTemplates, generation_kwargs
+from ibisagent.policies.hf_vlm import PromptTemplates, generation_kwargs, pixel_budget, turn_messages
 from ibisagent.trajectory import Trajectory
 from ibisagent.types import Action
 
@@ -174,10 +173,6 @@ class GRPOArguments:
         options.setdefault("dialect", self.dialect)
         return RewardConfig.from_dict(options)
 
-    def image_kwargs(self) -> dict:
-        size = {k: v for k, v in (("shortest_edge", self.min_pixels), ("longest_edge", self.max_pixels)) if v}
-        return {"images_kwargs": {"size": size}} if size else {}
-
 
 # -- prompts (rows) ----------------------------------------------------------------------------------------------------
 @dataclass
@@ -301,11 +296,6 @@ class BatchSampler:
     def __init__(self, model, processor, gen_kwargs: dict):
         self.model, self.processor, self.gen_kwargs = model, processor, gen_kwargs
         self.pad_id = gen_kwargs["pad_token_id"]
-        # The model must not write image placeholders: a sampled <|image_pad|> would count as an image slot in the
-        # next turn and in the training pass (more placeholders than image features).
-        config = model.config
-        names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-        self.vision_tokens = [int(getattr(config, n)) for n in names if getattr(config, n, None) is not None]
         eos = gen_kwargs["eos_token_id"] or []
         self.eos = {eos} if isinstance(eos, int) else set(eos)
         self._cond = threading.Condition()
@@ -371,13 +361,7 @@ class BatchSampler:
                 device
             )
         with torch.inference_mode():
-            out = self.model.generate(
-                **inputs,
-                **self.gen_kwargs,
-                suppress_tokens=self.vision_tokens or None,
-                return_dict_in_generate=True,
-                output_logits=True,
-            )
+            out = self.model.generate(**inputs, **self.gen_kwargs, return_dict_in_generate=True, output_logits=True)
         new = out.sequences[:, n:]
         temperature = self.gen_kwargs.get("temperature", 1.0) if self.gen_kwargs.get("do_sample") else 1.0
         logits = torch.stack(out.logits, dim=1).float() / temperature  # (B, new, V): before any top-p/top-k filter
@@ -409,8 +393,9 @@ class RolloutPolicy:
     nothing is re-tokenised.
     """
 
-    def __init__(self, sampler: BatchSampler, slot: int, templates: PromptTemplates, dialect: str, image_kwargs: dict):
-        self.sampler, self.slot, self.templates, self.dialect = sampler, slot, templates, dialect
+    def __init__(self, sampler: BatchSampler, slot: int, templates: PromptTemplates, image_kwargs: dict):
+        self.sampler, self.slot, self.templates = sampler, slot, templates
+        self.dialect = templates.dialect
         self.processor = sampler.processor
         self.image_kwargs = image_kwargs
         self.segments: list[Segment] = []
@@ -424,15 +409,7 @@ class RolloutPolicy:
         self.segments, self.pixel_values, self.grids, self.images = [], [], [], []
 
     def act(self, obs: Observation) -> str:
-        from PIL import Image
-
-        image = Image.fromarray(np.ascontiguousarray(obs.image, dtype=np.uint8)).convert("RGB")
-        user_text = self.templates.user_text(obs.instruction, obs.targets, first=obs.step == 0, feedback=obs.feedback)
-        user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]}
-        system = {
-            "role": "system",
-            "content": [{"type": "text", "text": self.templates.system_text(obs.instruction, obs.targets)}],
-        }
+        system, user, image = turn_messages(self.templates, obs)
         with self.sampler.processor_lock:
             if not self.segments:
                 text = self.processor.apply_chat_template([system, user], add_generation_prompt=True, tokenize=False)
@@ -558,7 +535,7 @@ def rollout(
     def run(slot: int) -> None:
         g = slot // args.num_generations
         row = rows[g]
-        policy = RolloutPolicy(sampler, slot, templates, args.dialect, args.image_kwargs())
+        policy = RolloutPolicy(sampler, slot, templates, pixel_budget(processor, args.min_pixels, args.max_pixels))
         try:
             episode = Episode(
                 tools[g], row.image, [row.target], max_steps=len(row.history) + row.max_steps, image_is_set=True
@@ -636,11 +613,13 @@ def token_logps(model, batch: dict, temperature: float = 1.0):
     import torch
 
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False).logits[:, :-1].float() / temperature
+    logits = model(**inputs, use_cache=False).logits[:, :-1]
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
-    index = labels.clamp(min=0).unsqueeze(-1)
-    logps = torch.gather(logits.log_softmax(-1), -1, index).squeeze(-1)
+    # The softmax over the vocabulary only where a token is trained: observation tokens are most of an episode.
+    trained = logits[mask].float() / temperature
+    logps = torch.zeros(mask.shape, dtype=trained.dtype, device=trained.device)
+    logps[mask] = torch.gather(trained.log_softmax(-1), -1, labels[mask].unsqueeze(-1)).squeeze(-1)
     return logps, mask
 
 
@@ -712,7 +691,6 @@ class GRPOTrainer:
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.templates = PromptTemplates.load(args.dialect, args.template_dir)
-        Grammar(args.dialect)
         factory = tool_factory or _tool_factory(args)
         self.tools = [factory() for _ in range(args.prompts_per_step)]  # built once, one per prompt of a step
         params = [p for p in model.parameters() if p.requires_grad]
@@ -775,10 +753,10 @@ class GRPOTrainer:
         t1 = time.perf_counter()
 
         model.train()
-        encoded = [r.policy.encoded() for r in rollouts]
         active = [i for i, a in enumerate(advantages) if a != 0.0]  # zero advantage: zero gradient (mu = 1 or not)
-        n_tokens = sum(int((encoded[i]["labels"] != IGNORE_INDEX).sum()) for i in range(len(encoded)))
-        norm = float(max(n_tokens, 1) if args.loss_type == "dapo" else len(encoded))
+        encoded = {i: rollouts[i].policy.encoded() for i in active}
+        n_tokens = sum(len(seg.ids) for r in rollouts for seg in r.policy.segments if seg.model)
+        norm = float(max(n_tokens, 1) if args.loss_type == "dapo" else len(rollouts))
         pad = self.processor.tokenizer.pad_token_id
         pad = pad if pad is not None else self.processor.tokenizer.eos_token_id
         chunks = [active[i : i + args.micro_batch_size] for i in range(0, len(active), args.micro_batch_size)]

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ibisagent.grammar import Grammar
-from ibisagent.policies.hf_vlm import PromptTemplates
+from ibisagent.policies.hf_vlm import PromptTemplates, pixel_budget
 from ibisagent.render import overlay
 from ibisagent.trajectory import Trajectory
 from ibisagent.types import Action
@@ -395,7 +395,7 @@ def build_trainer(data_args: SFTDataArguments, training_args, model_args, callba
     )
     if data_args.freeze_vision_tower:
         freeze_vision(model)
-    image_kwargs = {k: v for k, v in (("min_pixels", data_args.min_pixels), ("max_pixels", data_args.max_pixels)) if v}
+    image_kwargs = pixel_budget(processor, data_args.min_pixels, data_args.max_pixels)
     from ibisagent_training.prompts import InstructionLibrary
 
     builder = ConversationBuilder(

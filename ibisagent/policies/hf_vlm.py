@@ -286,15 +286,7 @@ class HFVLMPolicy:
         The first template is used while no action has been applied (obs.step == 0), the refine template after.
         Image content entries are `{"type": "image"}` placeholders; the images travel separately to the processor.
         """
-        from PIL import Image
-
-        image = Image.fromarray(np.ascontiguousarray(obs.image, dtype=np.uint8)).convert("RGB")
-        text = self.templates.user_text(obs.instruction, obs.targets, first=obs.step == 0, feedback=obs.feedback)
-        user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
-        system = {
-            "role": "system",
-            "content": [{"type": "text", "text": self.templates.system_text(obs.instruction, obs.targets)}],
-        }
+        system, user, image = turn_messages(self.templates, obs)
         if self.history == "full":
             return [system, *self._turns, user], [*self._images, image], user
         return [system, user], [image], user
@@ -305,14 +297,7 @@ class HFVLMPolicy:
         return list(self._turns)
 
     def _image_kwargs(self) -> dict:
-        """Per-call image-processor options for the pixel budget (Qwen2-VL's processors call them shortest_edge
-        and longest_edge of `size`, both in pixels of area)."""
-        if self.min_pixels is None and self.max_pixels is None:
-            return {}
-        size = getattr(self.processor.image_processor, "size", None) or {}
-        lo = self.min_pixels if self.min_pixels is not None else size.get("shortest_edge")
-        hi = self.max_pixels if self.max_pixels is not None else size.get("longest_edge")
-        return {"images_kwargs": {"size": {"shortest_edge": lo, "longest_edge": hi}}}
+        return pixel_budget(self.processor, self.min_pixels, self.max_pixels)
 
     # -- generation -------------------------------------------------------------------------------------------------
     def _generation_kwargs(self) -> dict:
@@ -420,6 +405,32 @@ class HFVLMPolicy:
         return int(np.random.SeedSequence([self.seed, self._episode, self._calls]).generate_state(1)[0])
 
 
+def turn_messages(templates: PromptTemplates, obs: Observation) -> tuple[dict, dict, Any]:
+    """The system message, the user message of `obs` (an image placeholder, then the first template's text while no
+    action has been applied, the refine template's after) and the observation image as RGB PIL."""
+    from PIL import Image
+
+    image = Image.fromarray(np.ascontiguousarray(obs.image, dtype=np.uint8)).convert("RGB")
+    text = templates.user_text(obs.instruction, obs.targets, first=obs.step == 0, feedback=obs.feedback)
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
+    system = {
+        "role": "system",
+        "content": [{"type": "text", "text": templates.system_text(obs.instruction, obs.targets)}],
+    }
+    return system, user, image
+
+
+def pixel_budget(processor: Any, min_pixels: int | None, max_pixels: int | None) -> dict:
+    """Per-call image-processor options for a pixel budget (Qwen2-VL's processors call the bounds shortest_edge and
+    longest_edge of `size`, both in pixels of area); a bound left None keeps the processor's own."""
+    if min_pixels is None and max_pixels is None:
+        return {}
+    size = getattr(processor.image_processor, "size", None) or {}
+    lo = min_pixels if min_pixels is not None else size.get("shortest_edge")
+    hi = max_pixels if max_pixels is not None else size.get("longest_edge")
+    return {"images_kwargs": {"size": {"shortest_edge": lo, "longest_edge": hi}}}
+
+
 def generation_kwargs(
     model: Any,
     processor: Any,
@@ -432,7 +443,8 @@ def generation_kwargs(
 ) -> dict:
     """`generate` keyword arguments that end a turn at `<|im_end|>` (besides the model's own eos ids) and pass every
     sampling setting explicitly, so that a checkpoint's generation_config (Qwen ships top_k=1,
-    repetition_penalty=1.05) cannot silently change what the caller asked for."""
+    repetition_penalty=1.05) cannot silently change what the caller asked for. The vision placeholder tokens are
+    suppressed: a written <|image_pad|> would be an image slot without features in the next turn's prompt."""
     tokenizer = processor.tokenizer
     eos = model.generation_config.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -446,6 +458,11 @@ def generation_kwargs(
         "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [None])[0],
         "repetition_penalty": repetition_penalty,
     }
+    config = model.config
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    vision = [int(getattr(config, n)) for n in names if getattr(config, n, None) is not None]
+    if vision:
+        kwargs["suppress_tokens"] = vision
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
     return kwargs

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -121,7 +122,14 @@ def test_missing_model_path_gives_clear_errors(tmp_path, monkeypatch):
         HFVLMPolicy.from_pretrained("./runs/missing")
     with pytest.raises(ValueError, match="has no config.json"):
         HFVLMPolicy.from_pretrained(tmp_path)
+    # A Hub id that is not in the (empty) local cache, offline: a clear error and no connection attempted at all.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("from_pretrained tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
     with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE"):
         HFVLMPolicy.from_pretrained("ibisagent-tests/no-such-model")
 
