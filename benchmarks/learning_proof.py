@@ -52,6 +52,7 @@ class Plan:
     """Sizes and steps of one mode."""
 
     size: int = 112
+    pixels: int = 112  # the image processor's budget: pixels**2 of area, (pixels / 28)**2 image tokens
     single_images: int = 600
     multi_images: int = 600
     test_images: int = 60
@@ -375,6 +376,77 @@ def plot_curves(curves: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def run_seed(seed: int, plan: Plan, out: Path, data: dict, cases: list[dict], step_mode: bool) -> dict:
+    """One seed: build, evaluate untrained, SFT, evaluate, GRPO, evaluate, baselines; optionally a short step-mode run
+    for its steps/s. Writes and returns seed<k>/results.json ({"results": {row: metrics}, "timing": {...}})."""
+    from ibisagent.policies.tiny_qwen import build_tiny_qwen2_5_vl
+
+    t0 = time.perf_counter()
+    root = out / f"seed{seed}"
+    root.mkdir(parents=True, exist_ok=True)
+    # Phases whose output folder is complete are reused (an interrupted run continues); timings are kept per seed.
+    saved = root / "timing.json"
+    timing = json.loads(saved.read_text()) if saved.is_file() else {}
+    results = {}
+    if not (root / "init" / "config.json").is_file():
+        build_tiny_qwen2_5_vl(
+            root / "init", seed=seed, min_pixels=plan.pixels**2, max_pixels=plan.pixels**2, **plan.model
+        )
+    results["untrained"] = evaluate_policy(load_policy(root / "init", data["templates"]), cases, plan.eval_max_steps)
+    if not (root / "sft" / "config.json").is_file():
+        s1 = run_sft(root / "init", root / "sft-single", out / "traj-single", data, plan, plan.sft_single_steps, seed)
+        s2 = run_sft(root / "sft-single", root / "sft", out / "traj-multi", data, plan, plan.sft_multi_steps, seed)
+        timing.update(sft_seconds=s1 + s2, sft_steps=plan.sft_single_steps + plan.sft_multi_steps)
+        saved.write_text(json.dumps(timing))
+    results["SFT"] = evaluate_policy(load_policy(root / "sft", data["templates"]), cases, plan.eval_max_steps)
+    print(f"seed {seed} SFT: {results['SFT']}", flush=True)
+    if not (root / "rl" / "config.json").is_file():
+        t_rl = time.perf_counter()
+        run_grpo(root / "sft", root / "rl", data, plan, seed, "multi_turn", plan.rl_steps, data["shapes"])
+        rl_seconds = time.perf_counter() - t_rl
+        timing.update(rl_seconds=rl_seconds, rl_steps_per_second=plan.rl_steps / rl_seconds)
+        saved.write_text(json.dumps(timing))
+    results["SFT+RL"] = evaluate_policy(load_policy(root / "rl", data["templates"]), cases, plan.eval_max_steps)
+    print(f"seed {seed} SFT+RL: {results['SFT+RL']}", flush=True)
+    for name, baseline in BASELINES.items():
+        results[name] = evaluate_baseline(baseline, cases, seed, plan.eval_max_steps)
+    if step_mode and plan.step_mode_steps and "step_mode_steps_per_second" not in timing:
+        t_step = time.perf_counter()
+        run_grpo(root / "sft", root / "rl-step", data, plan, seed, "step", plan.step_mode_steps, out / "traj-multi")
+        timing["step_mode_steps_per_second"] = plan.step_mode_steps / (time.perf_counter() - t_step)
+    timing["this_run_seconds"] = time.perf_counter() - t0
+    timing["threads"] = os.environ.get("OMP_NUM_THREADS")
+    saved.write_text(json.dumps(timing))
+    record = {"results": results, "timing": timing}
+    (root / "results.json").write_text(json.dumps(record, indent=1))
+    print(f"seed {seed}: {timing}", flush=True)
+    return record
+
+
+def _run_parallel(argv: list[str], seeds: list[int], jobs: int, out: Path) -> None:
+    """Each seed in its own process, `jobs` at a time, with the cores split between them: the tiny model's matrices
+    are too small for several threads to help, so seeds side by side finish far sooner than one after another."""
+    import subprocess
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    pending, running = list(seeds), []
+    while pending or running:
+        while pending and len(running) < jobs:
+            seed = pending.pop(0)
+            log = open(out / f"seed{seed}.log", "w")
+            cmd = [sys.executable, __file__, *argv, "--seeds", str(seed), "--jobs", "1", "--worker"]
+            if seed != seeds[0]:
+                cmd.append("--no-step-mode")  # the step-mode timing is taken once, on the first seed
+            running.append((seed, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        time.sleep(2)
+        for item in [r for r in running if r[1].poll() is not None]:
+            running.remove(item)
+            item[2].close()
+            if item[1].returncode:
+                raise RuntimeError(f"seed {item[0]} failed (exit {item[1].returncode}); see {out}/seed{item[0]}.log")
+
+
 def main(argv: list[str] | None = None) -> int:
     from ibisagent._compat import ensure_torchvision
 
@@ -384,6 +456,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="learning-proof")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--override", default="{}", help="JSON of Plan fields to change, e.g. '{\"rl_steps\": 10}'")
+    parser.add_argument(
+        "--jobs", type=int, default=None, help="seeds run side by side (default: one per core, at most one per seed)"
+    )
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-step-mode", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     plan = Plan(**{**PLANS[args.mode].__dict__, **json.loads(args.override)})
     out = Path(args.out)
@@ -391,57 +468,26 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     data = make_data(out, plan)
     cases = test_cases(data["shapes"], data["instructions"])
-    t_data = time.perf_counter() - t_start
-    print(f"data: {len(cases)} held-out cases, {t_data:.0f} s", flush=True)
+    print(f"data: {len(cases)} held-out cases, {time.perf_counter() - t_start:.0f} s", flush=True)
+    jobs = args.jobs or min(len(args.seeds), os.cpu_count() or 1)
+    if args.worker or jobs <= 1:
+        records = {
+            s: run_seed(s, plan, out, data, cases, step_mode=s == args.seeds[0] and not args.no_step_mode)
+            for s in args.seeds
+        }
+        if args.worker:
+            return 0
+    else:
+        shared = ["--mode", args.mode, "--out", str(out), "--override", args.override]
+        _run_parallel(shared, args.seeds, jobs, out)
+        records = {s: json.loads((out / f"seed{s}" / "results.json").read_text()) for s in args.seeds}
 
-    from ibisagent.policies.tiny_qwen import build_tiny_qwen2_5_vl
-
-    results = {k: [] for k in ("untrained", "SFT", "SFT+RL", *BASELINES)}
-    curves, timing = {}, {}
-    for seed in args.seeds:
-        t0 = time.perf_counter()
-        root = out / f"seed{seed}"
-        # Phases whose output folder is complete are reused (an interrupted run continues); timings are kept per seed.
-        saved = root / "timing.json"
-        timing[seed] = json.loads(saved.read_text()) if saved.is_file() else {}
-        if not (root / "init" / "config.json").is_file():
-            build_tiny_qwen2_5_vl(
-                root / "init", seed=seed, min_pixels=plan.size**2, max_pixels=plan.size**2, **plan.model
-            )
-        results["untrained"].append(
-            evaluate_policy(load_policy(root / "init", data["templates"]), cases, plan.eval_max_steps)
-        )
-        if not (root / "sft" / "config.json").is_file():
-            s1 = run_sft(
-                root / "init", root / "sft-single", out / "traj-single", data, plan, plan.sft_single_steps, seed
-            )
-            s2 = run_sft(root / "sft-single", root / "sft", out / "traj-multi", data, plan, plan.sft_multi_steps, seed)
-            timing[seed].update(sft_seconds=s1 + s2, sft_steps=plan.sft_single_steps + plan.sft_multi_steps)
-            saved.write_text(json.dumps(timing[seed]))
-        results["SFT"].append(evaluate_policy(load_policy(root / "sft", data["templates"]), cases, plan.eval_max_steps))
-        print(f"seed {seed} SFT: {results['SFT'][-1]}", flush=True)
-        if not (root / "rl" / "config.json").is_file():
-            t_rl = time.perf_counter()
-            run_grpo(root / "sft", root / "rl", data, plan, seed, "multi_turn", plan.rl_steps, data["shapes"])
-            rl_seconds = time.perf_counter() - t_rl
-            timing[seed].update(rl_seconds=rl_seconds, rl_steps_per_second=plan.rl_steps / rl_seconds)
-            saved.write_text(json.dumps(timing[seed]))
-        lines = (root / "rl" / "metrics.jsonl").read_text().splitlines()
-        curves[seed] = [json.loads(line) for line in lines if line.strip()]
-        results["SFT+RL"].append(
-            evaluate_policy(load_policy(root / "rl", data["templates"]), cases, plan.eval_max_steps)
-        )
-        print(f"seed {seed} SFT+RL: {results['SFT+RL'][-1]}", flush=True)
-        for name, baseline in BASELINES.items():
-            results[name].append(evaluate_baseline(baseline, cases, seed, plan.eval_max_steps))
-        if seed == args.seeds[0] and plan.step_mode_steps and "step_mode_steps_per_second" not in timing[seed]:
-            t_step = time.perf_counter()
-            run_grpo(root / "sft", root / "rl-step", data, plan, seed, "step", plan.step_mode_steps, out / "traj-multi")
-            timing[seed]["step_mode_steps_per_second"] = plan.step_mode_steps / (time.perf_counter() - t_step)
-        timing[seed]["this_run_seconds"] = time.perf_counter() - t0
-        saved.write_text(json.dumps(timing[seed]))
-        print(f"seed {seed}: {timing[seed]}", flush=True)
-
+    results = {name: [records[s]["results"][name] for s in args.seeds] for name in records[args.seeds[0]]["results"]}
+    timing = {s: records[s]["timing"] for s in args.seeds}
+    curves = {}
+    for s in args.seeds:
+        lines = (out / f"seed{s}" / "rl" / "metrics.jsonl").read_text().splitlines()
+        curves[s] = [json.loads(line) for line in lines if line.strip()]
     total = time.perf_counter() - t_start
     text = table(results)
     (out / "table.md").write_text(text + "\n")
@@ -452,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
                 "results": results,
                 "timing": timing,
                 "total_seconds": total,
-                "threads": os.environ.get("OMP_NUM_THREADS"),
+                "jobs": jobs,
+                "cores": os.cpu_count(),
                 "cases": len(cases),
             },
             indent=1,
@@ -460,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     plot_curves(curves, out / "reward_curves.png")
     print(text)
-    print(f"total {total / 60:.1f} min; timing per seed: {json.dumps(timing)}")
+    print(f"total {total / 60:.1f} min with {jobs} seed(s) side by side; timing per seed: {json.dumps(timing)}")
     return 0
 
 
