@@ -346,6 +346,29 @@ def test_learning_proof_script_runs_end_to_end(tmp_path, monkeypatch):
     ).read_text()
 
 
+def test_grounding_probe_script_runs(capsys):
+    """The grounding probe trains, evaluates through the grammar and reports its figures (a few seconds' run)."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "grounding_probe.py"
+    spec = importlib.util.spec_from_file_location("grounding_probe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (
+        module.main(["--pixels", "28", "--seconds", "3", "--batch", "4", "--eval-every", "2", "--test-images", "8"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "1 image token(s)" in out and re.search(r"^\| 2 \| ", out, re.M)
+    final = re.search(r"final: pixels 28, (\d+) steps .* hit ([\d.]+), err", out)
+    assert final and int(final.group(1)) >= 2 and 0.0 <= float(final.group(2)) <= 1.0
+    with pytest.raises(SystemExit):
+        module.main(["--pixels", "30"])  # not a multiple of 28
+    assert "not a multiple of 28" in capsys.readouterr().err
+
+
 def test_sampling_never_writes_image_placeholders(setup):
     """A policy that would rather write <|image_pad|> (and the other vision tokens) than anything else is kept from
     it: such a token would be an image slot without features in the next turn and in the training pass."""
