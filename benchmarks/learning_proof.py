@@ -6,8 +6,10 @@ tool in the loop (`ibisagent_training.generate`) -> a tiny Qwen2.5-VL built from
 images through the product's inference path (`HFVLMPolicy` greedy + `run_episode` + the classical tool), next to fixed
 baselines (click the image centre; click a random object of the image; the oracle).
 
-Run (CPU, 2 cores, about an hour for 3 seeds):
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/learning_proof.py --out proof-cpu
+Run (CPU; the seeds run side by side, one process per core, `--jobs N` to choose; an interrupted run continues):
+    .venv/bin/python benchmarks/learning_proof.py --out proof-cpu
+Measured at the current CPU plan on 2 cores: SFT runs 0.26 steps/s per seed with 3 seeds side by side and about
+0.5 steps/s with one seed alone, so the plan's 850 SFT steps do not yet fit the 60-minute budget for 3 seeds.
 GPU mode (larger model, more steps; for a lent GPU machine):
     .venv/bin/python benchmarks/learning_proof.py --mode gpu --out proof-gpu
 
@@ -15,7 +17,7 @@ Writes <out>/results.json, <out>/table.md (mean ± std over seeds) and <out>/rew
 Choices that make spatial grounding learnable from scratch (see benchmarks/grounding_probe.py for the measurement):
 one image token per image (the 112 px images are shown at 28 px: Qwen2.5-VL's patch embedding and 2x2 merger then
 hold each pixel's place explicitly, whereas across a grid of image tokens only the rotary offsets tell tokens apart,
-which a model this small did not learn in 2,200 steps), two-decimal coordinates in the released checkpoint's dialect
+which a model this small did not learn in 2,200 steps at 2x2 tokens nor in 960 at 4x4), two-decimal coordinates in the released checkpoint's dialect
 (no target name to copy), an empty <think>, an empty system prompt and a short user prompt (short sequences), and a
 curriculum: single objects first, then images with distractors where the instruction names the target.
 """
@@ -447,6 +449,10 @@ def _run_parallel(argv: list[str], seeds: list[int], jobs: int, out: Path) -> No
             running.remove(item)
             item[2].close()
             if item[1].returncode:
+                for _, process, log in running:  # the other seeds' finished phases stay on disk for a rerun
+                    process.terminate()
+                    process.wait()
+                    log.close()
                 raise RuntimeError(f"seed {item[0]} failed (exit {item[1].returncode}); see {out}/seed{item[0]}.log")
 
 
@@ -482,7 +488,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     else:
         shared = ["--mode", args.mode, "--out", str(out), "--override", args.override]
-        _run_parallel(shared, args.seeds, jobs, out)
+        try:
+            _run_parallel(shared, args.seeds, jobs, out)
+        except RuntimeError as exc:
+            print(f"learning proof: {exc}", file=sys.stderr)
+            return 1
         records = {s: json.loads((out / f"seed{s}" / "results.json").read_text()) for s in args.seeds}
 
     results = {name: [records[s]["results"][name] for s in args.seeds] for name in records[args.seeds[0]]["results"]}
