@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--pixels {args.pixels} is not a multiple of 28 (one image token per 28 x 28 pixels)")
 
     torch.manual_seed(args.seed)
+    # The learning proof's CPU model (learning_proof.Plan.model), so the probe measures what the proof trains.
     model, processor = build_tiny_qwen2_5_vl(
         None,
         seed=args.seed,
