@@ -25,9 +25,7 @@ import sys
 import time
 
 import numpy as np
-
-SHAPES = ("disc", "ellipse", "square", "rectangle", "triangle")
-DIALECT = "released"
+from learning_proof import APPEARANCES, DIALECT, PLANS, SHAPES  # benchmarks/ is on sys.path when a script runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,29 +54,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--pixels {args.pixels} is not a multiple of 28 (one image token per 28 x 28 pixels)")
 
     torch.manual_seed(args.seed)
-    # The learning proof's CPU model (learning_proof.Plan.model), so the probe measures what the proof trains.
+    # The learning proof's CPU model, so the probe measures what the proof trains.
     model, processor = build_tiny_qwen2_5_vl(
-        None,
-        seed=args.seed,
-        hidden_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=256,
-        vision_hidden_size=64,
-        vision_depth=2,
-        vision_num_heads=2,
-        vision_intermediate_size=128,
-        rope_theta=10.0,
-        min_pixels=args.pixels**2,
-        max_pixels=args.pixels**2,
+        None, seed=args.seed, min_pixels=args.pixels**2, max_pixels=args.pixels**2, **PLANS["cpu"].model
     )
     tokenizer = processor.tokenizer
     grammar = Grammar(DIALECT, decimals=2)
     n = args.size
 
     def case(split: str, index: int):
-        im = generate_image(args.seed, index, size=n, split=split, shapes=SHAPES, appearances=("bright", "dark"))
+        im = generate_image(args.seed, index, size=n, split=split, shapes=SHAPES, appearances=APPEARANCES)
         obj = im.objects[0]
         click = next_click(np.zeros(obj.mask.shape, bool), obj.mask)
         return Image.fromarray(im.image), obj.name, grammar.format_click(click, (n, n)), obj.mask, click

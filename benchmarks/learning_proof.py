@@ -8,8 +8,8 @@ baselines (click the image centre; click a random object of the image; the oracl
 
 Run (CPU; the seeds run side by side, one process per core, `--jobs N` to choose; an interrupted run continues):
     .venv/bin/python benchmarks/learning_proof.py --out proof-cpu
-Measured at the current CPU plan on 2 cores: SFT runs 0.26 steps/s per seed with 3 seeds side by side and about
-0.5 steps/s with one seed alone, so the plan's 850 SFT steps do not yet fit the 60-minute budget for 3 seeds.
+Measured at the current CPU plan: seed 0 alone on one core took 1,783 s for its 850 SFT steps (seed<k>/timing.json),
+so 3 seeds do not yet fit the 60-minute budget on 2 cores.
 GPU mode (larger model, more steps; for a lent GPU machine):
     .venv/bin/python benchmarks/learning_proof.py --mode gpu --out proof-gpu
 
@@ -17,7 +17,7 @@ Writes <out>/results.json, <out>/table.md (mean ± std over seeds) and <out>/rew
 Choices that make spatial grounding learnable from scratch (see benchmarks/grounding_probe.py for the measurement):
 one image token per image (the 112 px images are shown at 28 px: Qwen2.5-VL's patch embedding and 2x2 merger then
 hold each pixel's place explicitly, whereas across a grid of image tokens only the rotary offsets tell tokens apart,
-which a model this small did not learn in 2,200 steps at 2x2 tokens nor in 960 at 4x4), two-decimal coordinates in the released checkpoint's dialect
+which a model this small did not learn in 958 steps at 4x4 tokens), two-decimal coordinates in the released checkpoint's dialect
 (no target name to copy), an empty <think>, an empty system prompt and a short user prompt (short sequences), and a
 curriculum: single objects first, then images with distractors where the instruction names the target.
 """

@@ -346,13 +346,14 @@ def test_learning_proof_script_runs_end_to_end(tmp_path, monkeypatch):
     ).read_text()
 
 
-def test_grounding_probe_script_runs(capsys):
+def test_grounding_probe_script_runs(capsys, monkeypatch):
     """The grounding probe trains, evaluates through the grammar and reports its figures (a few seconds' run)."""
     import importlib.util
     import re
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "grounding_probe.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # as when the script runs: it imports the learning proof's plan
     spec = importlib.util.spec_from_file_location("grounding_probe", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
