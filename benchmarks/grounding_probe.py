@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--test-images", type=int, default=200, help="held-out images per evaluation")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--pool", type=int, default=0, help="draw training images from a fixed set of this many (0: fresh every step)"
+    )
     args = parser.parse_args(argv)
     if args.pixels % 28:
         parser.error(f"--pixels {args.pixels} is not a multiple of 28 (one image token per 28 x 28 pixels)")
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| step | seconds | loss | hit | err |\n|---|---|---|---|---|", flush=True)
     rng = random.Random(args.seed)
     while time.perf_counter() - t0 < args.seconds:
-        items = [case("probe-train", rng.randrange(10**9)) for _ in range(args.batch)]
+        items = [case("probe-train", rng.randrange(args.pool or 10**9)) for _ in range(args.batch)]
         for group in optimizer.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / 20)
         out = model(**batch(items))

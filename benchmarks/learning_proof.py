@@ -6,7 +6,7 @@ tool in the loop (`ibisagent_training.generate`) -> a tiny Qwen2.5-VL built from
 images through the product's inference path (`HFVLMPolicy` greedy + `run_episode` + the classical tool), next to fixed
 baselines (click the image centre; click a random object of the image; the oracle).
 
-Run (CPU; the seeds run side by side, one process per core, `--jobs N` to choose; an interrupted run continues):
+Run (CPU; the seeds run side by side, one process each, `--jobs N` to choose; an interrupted run continues):
     .venv/bin/python benchmarks/learning_proof.py --out proof-cpu
 Measured at the current CPU plan: seed 0 alone on one core took 1,783 s for its 850 SFT steps (seed<k>/timing.json),
 so 3 seeds do not yet fit the 60-minute budget on 2 cores.
@@ -74,10 +74,12 @@ class Plan:
             rope_theta=10.0,
         )
     )
-    sft_single_steps: int = 700
+    sft_single_steps: int = 1600
     sft_multi_steps: int = 150
     sft_batch: int = 32
     sft_lr: float = 1e-3
+    sft_single_history: str = "current"  # one sample per step in the grounding phase: one image, short sequences
+    sft_scheduler: str = "constant_with_warmup"
     rl_steps: int = 30
     rl_prompts: int = 8
     rl_generations: int = 8
@@ -254,7 +256,9 @@ def _inside(click, gt: np.ndarray) -> bool:
 
 
 # -- training ------------------------------------------------------------------------------------------------------------
-def run_sft(init: Path, out: Path, trajectories: Path, data: dict, plan: Plan, steps: int, seed: int) -> float:
+def run_sft(
+    init: Path, out: Path, trajectories: Path, data: dict, plan: Plan, steps: int, seed: int, history: str = "full"
+) -> float:
     from trl import ModelConfig, SFTConfig
 
     from ibisagent_training.sft import SFTDataArguments, build_trainer
@@ -263,7 +267,7 @@ def run_sft(init: Path, out: Path, trajectories: Path, data: dict, plan: Plan, s
         trajectories=str(trajectories),
         variants="gold",
         dialect=DIALECT,
-        history="full",
+        history=history,
         template_dir=str(data["templates"]),
         absent_fraction=0.0,
         instructions=str(data["instructions"]),
@@ -276,7 +280,7 @@ def run_sft(init: Path, out: Path, trajectories: Path, data: dict, plan: Plan, s
         max_steps=steps,
         per_device_train_batch_size=plan.sft_batch,
         learning_rate=plan.sft_lr,
-        lr_scheduler_type="cosine",
+        lr_scheduler_type=plan.sft_scheduler,
         warmup_steps=10,
         logging_steps=25,
         save_strategy="no",
@@ -285,6 +289,7 @@ def run_sft(init: Path, out: Path, trajectories: Path, data: dict, plan: Plan, s
         use_cpu=not _cuda(),
         bf16=_cuda(),
         dataloader_num_workers=0,
+        gradient_checkpointing=False,  # trl's default recomputes every forward: pointless at this size
         max_length=None,
         disable_tqdm=True,
     )
@@ -399,7 +404,16 @@ def run_seed(seed: int, plan: Plan, out: Path, data: dict, cases: list[dict], st
         )
     results["untrained"] = evaluate_policy(load_policy(root / "init", data["templates"]), cases, plan.eval_max_steps)
     if not (root / "sft" / "config.json").is_file():
-        s1 = run_sft(root / "init", root / "sft-single", out / "traj-single", data, plan, plan.sft_single_steps, seed)
+        s1 = run_sft(
+            root / "init",
+            root / "sft-single",
+            out / "traj-single",
+            data,
+            plan,
+            plan.sft_single_steps,
+            seed,
+            plan.sft_single_history,
+        )
         s2 = run_sft(root / "sft-single", root / "sft", out / "traj-multi", data, plan, plan.sft_multi_steps, seed)
         timing.update(sft_seconds=s1 + s2, sft_steps=plan.sft_single_steps + plan.sft_multi_steps)
         saved.write_text(json.dumps(timing))
@@ -466,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--override", default="{}", help="JSON of Plan fields to change, e.g. '{\"rl_steps\": 10}'")
     parser.add_argument(
-        "--jobs", type=int, default=None, help="seeds run side by side (default: one per core, at most one per seed)"
+        "--jobs", type=int, default=None, help="seeds run side by side (default: all; each gets cores / jobs threads)"
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-step-mode", action="store_true", help=argparse.SUPPRESS)
@@ -478,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     data = make_data(out, plan)
     cases = test_cases(data["shapes"], data["instructions"])
     print(f"data: {len(cases)} held-out cases, {time.perf_counter() - t_start:.0f} s", flush=True)
-    jobs = args.jobs or min(len(args.seeds), os.cpu_count() or 1)
+    jobs = args.jobs or len(args.seeds)  # one thread each is as fast as two for this model: all at once is soonest
     if args.worker or jobs <= 1:
         records = {
             s: run_seed(s, plan, out, data, cases, step_mode=s == args.seeds[0] and not args.no_step_mode)

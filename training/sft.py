@@ -213,16 +213,15 @@ def encode(processor, conv: Conversation, image_kwargs: dict | None = None) -> d
     for seg, is_assistant, trained in segments:
         if not seg:
             continue
-        if is_assistant:
+        n_images = 0 if is_assistant else seg.count("<|vision_start|>")
+        if not n_images:  # text alone: the tokenizer is the processor's text path, without its per-call overhead
             seg_ids = processor.tokenizer(seg, add_special_tokens=False)["input_ids"]
         else:
-            n_images = seg.count("<|vision_start|>")
             seg_images = [next(images) for _ in range(n_images)]
-            out = processor(text=[seg], images=seg_images or None, return_tensors="pt", **(image_kwargs or {}))
+            out = processor(text=[seg], images=seg_images, return_tensors="pt", **(image_kwargs or {}))
             seg_ids = out["input_ids"][0].tolist()
-            if n_images:
-                pixel_values.append(out["pixel_values"])
-                grids.append(out["image_grid_thw"])
+            pixel_values.append(out["pixel_values"])
+            grids.append(out["image_grid_thw"])
         ids += seg_ids
         labels += seg_ids if trained else [IGNORE_INDEX] * len(seg_ids)
     if next(images, None) is not None:
