@@ -8,8 +8,10 @@ baselines (click the image centre; click a random object of the image; the oracl
 
 Run (CPU; the seeds run side by side, one process each, `--jobs N` to choose; an interrupted run continues):
     .venv/bin/python benchmarks/learning_proof.py --out proof-cpu
-Measured at the current CPU plan: seed 0 alone on one core took 1,783 s for its 850 SFT steps (seed<k>/timing.json),
-so 3 seeds do not yet fit the 60-minute budget on 2 cores.
+Measured on 2 cores at the plan before `sft_single_first_only` (the same steps and sizes, with Terminate samples in
+the grounding phase): 3 seeds side by side in 39.6 minutes, data included (each seed's 1,750 SFT steps in about
+1,790 s, its 30 GRPO steps at 0.12-0.13 steps/s; step mode 0.29 steps/s: seed<k>/timing.json); no seed learned where
+to click. The plan with first-click samples only is not measured through the whole script yet.
 GPU mode (larger model, more steps; for a lent GPU machine):
     .venv/bin/python benchmarks/learning_proof.py --mode gpu --out proof-gpu
 
@@ -19,7 +21,9 @@ one image token per image (the 112 px images are shown at 28 px: Qwen2.5-VL's pa
 hold each pixel's place explicitly, whereas across a grid of image tokens only the rotary offsets tell tokens apart,
 which a model this small did not learn in 958 steps at 4x4 tokens), two-decimal coordinates in the released checkpoint's dialect
 (no target name to copy), an empty <think>, an empty system prompt and a short user prompt (short sequences), and a
-curriculum: single objects first, then images with distractors where the instruction names the target.
+curriculum: first clicks on single objects (one-step samples with no Terminate turns, which held grounding back when
+they filled half the batch), then whole conversations on images with distractors where the instruction names the
+target.
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ class Plan:
     sft_batch: int = 32
     sft_lr: float = 1e-3
     sft_single_history: str = "current"  # one sample per step in the grounding phase: one image, short sequences
+    sft_single_first_only: bool = True  # and only the first click: Terminate samples mixed in held grounding back
     sft_scheduler: str = "constant_with_warmup"
     rl_steps: int = 30
     rl_prompts: int = 8
@@ -257,7 +262,15 @@ def _inside(click, gt: np.ndarray) -> bool:
 
 # -- training ------------------------------------------------------------------------------------------------------------
 def run_sft(
-    init: Path, out: Path, trajectories: Path, data: dict, plan: Plan, steps: int, seed: int, history: str = "full"
+    init: Path,
+    out: Path,
+    trajectories: Path,
+    data: dict,
+    plan: Plan,
+    steps: int,
+    seed: int,
+    history: str = "full",
+    first_only: bool = False,
 ) -> float:
     from trl import ModelConfig, SFTConfig
 
@@ -268,6 +281,7 @@ def run_sft(
         variants="gold",
         dialect=DIALECT,
         history=history,
+        first_step_only=first_only,
         template_dir=str(data["templates"]),
         absent_fraction=0.0,
         instructions=str(data["instructions"]),
@@ -413,6 +427,7 @@ def run_seed(seed: int, plan: Plan, out: Path, data: dict, cases: list[dict], st
             plan.sft_single_steps,
             seed,
             plan.sft_single_history,
+            plan.sft_single_first_only,
         )
         s2 = run_sft(root / "sft-single", root / "sft", out / "traj-multi", data, plan, plan.sft_multi_steps, seed)
         timing.update(sft_seconds=s1 + s2, sft_steps=plan.sft_single_steps + plan.sft_multi_steps)

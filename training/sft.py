@@ -263,6 +263,8 @@ class SFTDataset:
 
     Conversations are listed once (cheap: no pixels read); each item reads its image and mask, renders the
     observations and tokenises on access, so memory stays flat however large the record files are.
+    first_step_only (history "current" only): one sample per record, its first trained step (the click made on the
+    bare image), a curriculum phase for learning where to click before when to stop.
     """
 
     def __init__(
@@ -272,7 +274,13 @@ class SFTDataset:
         builder: ConversationBuilder,
         absent_fraction: float = 0.0,
         image_kwargs: dict | None = None,
+        first_step_only: bool = False,
     ):
+        if first_step_only and builder.history != "current":
+            raise ValueError(
+                f"first_step_only needs history 'current' (one sample per step), got {builder.history!r}; "
+                "set history to 'current' or leave first_step_only off"
+            )
         self.processor, self.builder, self.image_kwargs = processor, builder, image_kwargs
         self.items: list[tuple[int, str | None, int]] = []  # (record index, absent target, conversation index)
         rng = random.Random(builder.seed)
@@ -284,6 +292,7 @@ class SFTDataset:
             masked = set(r["trajectory"].get("meta", {}).get("masked_steps", []))
             steps = len(r["trajectory"]["steps"])
             n = sum(k not in masked for k in range(steps)) if builder.history == "current" else 1
+            n = min(n, 1) if first_step_only else n
             self.items += [(i, None, k) for k in range(n)]
         for i, r in enumerate(records):
             others = [t for t in targets if t not in image_targets[r["image"]]]
@@ -328,6 +337,9 @@ class SFTDataArguments:
     )
     history: str = field(
         default="full", metadata={"help": "full: one conversation per trajectory; current: one per step"}
+    )
+    first_step_only: bool = field(
+        default=False, metadata={"help": "with history current: only each trajectory's first trained step"}
     )
     dialect: str = field(default="ibis", metadata={"help": "action grammar the assistant writes: ibis or released"})
     template_dir: str | None = field(default=None, metadata={"help": "prompt templates folder (default: packaged)"})
@@ -406,7 +418,9 @@ def build_trainer(data_args: SFTDataArguments, training_args, model_args, callba
         reasoning=data_args.reasoning,
         decimals=data_args.decimals,
     )
-    dataset = SFTDataset(records, processor, builder, data_args.absent_fraction, image_kwargs)
+    dataset = SFTDataset(
+        records, processor, builder, data_args.absent_fraction, image_kwargs, data_args.first_step_only
+    )
     training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
     training_args.remove_unused_columns = False
     pad = (

@@ -107,6 +107,11 @@ def test_current_history_gives_one_sample_per_trained_step(trajectories, tiny):
         assert alone.messages == conv.messages and np.array_equal(alone.images[0], conv.images[0])
     batch = collate([ds[0], ds[1]], processor.tokenizer.pad_token_id)
     assert batch["input_ids"].shape == batch["labels"].shape and batch["image_grid_thw"].shape[0] == 2
+    first = SFTDataset(records, processor, builder, first_step_only=True)
+    assert len(first) == len(records) and all(k == 0 for _, _, k in first.items)
+    assert first.conversation(0).messages == every[0].messages
+    with pytest.raises(ValueError, match="first_step_only needs history 'current'"):
+        SFTDataset(records, processor, ConversationBuilder(history="full"), first_step_only=True)
 
 
 def _train(trajectories, model_dir, out_dir, steps, resume=None, save_steps=2):
