@@ -6,12 +6,16 @@ tool in the loop (`ibisagent_training.generate`) -> a tiny Qwen2.5-VL built from
 images through the product's inference path (`HFVLMPolicy` greedy + `run_episode` + the classical tool), next to fixed
 baselines (click the image centre; click a random object of the image; the oracle).
 
-Run (CPU; the seeds run side by side, one process each, `--jobs N` to choose; an interrupted run continues):
+Run (CPU; the seeds run side by side, one process each, `--jobs N` to choose; an interrupted run continues, and a
+run whose phases are already on disk reuses them, e.g. to try RL settings from the same SFT models):
     .venv/bin/python benchmarks/learning_proof.py --out proof-cpu
-Measured on 2 cores at the plan before `sft_single_first_only` (the same steps and sizes, with Terminate samples in
-the grounding phase): 3 seeds side by side in 39.6 minutes, data included (each seed's 1,750 SFT steps in about
-1,790 s, its 30 GRPO steps at 0.12-0.13 steps/s; step mode 0.29 steps/s: seed<k>/timing.json); no seed learned where
-to click. The plan with first-click samples only is not measured through the whole script yet.
+Measured on 2 cores at this CPU plan: 3 seeds side by side in 41.3 minutes, data included (each seed's 1,750 SFT
+steps in about 1,790 s, its 30 multi-turn GRPO steps at 0.11-0.12 steps/s; step mode 0.33 steps/s:
+seed<k>/timing.json). After SFT format-valid 1.00 and IoU 0.150 +- 0.036, above the centre click's 0.089; after RL
+IoU 0.164 +- 0.038: a gain inside the seed spread, so RL's criterion is not met. With --override
+'{"rl_lr": 1e-4, "rl_steps": 50, "rl_prompts": 16}' (the SFT phases reused) RL gave the same 0.164 +- 0.031; with
+rl_lr 3e-4 (40 steps) 0.150 +- 0.040, and 1e-3 drove the training episodes' format-valid rate to 0 within 10
+steps.
 GPU mode (larger model, more steps; for a lent GPU machine):
     .venv/bin/python benchmarks/learning_proof.py --mode gpu --out proof-gpu
 
@@ -19,11 +23,11 @@ Writes <out>/results.json, <out>/table.md (mean ± std over seeds) and <out>/rew
 Choices that make spatial grounding learnable from scratch (see benchmarks/grounding_probe.py for the measurement):
 one image token per image (the 112 px images are shown at 28 px: Qwen2.5-VL's patch embedding and 2x2 merger then
 hold each pixel's place explicitly, whereas across a grid of image tokens only the rotary offsets tell tokens apart,
-which a model this small did not learn in 958 steps at 4x4 tokens), two-decimal coordinates in the released checkpoint's dialect
-(no target name to copy), an empty <think>, an empty system prompt and a short user prompt (short sequences), and a
-curriculum: first clicks on single objects (one-step samples with no Terminate turns, which held grounding back when
-they filled half the batch), then whole conversations on images with distractors where the instruction names the
-target.
+which a model this small did not learn in 958 steps at 4x4 tokens), two-decimal coordinates in the released
+checkpoint's dialect (no target name to copy), an empty <think>, an empty system prompt and a short user prompt (short
+sequences), and a curriculum: first clicks on single objects (one-step samples with no Terminate turns, which held
+grounding back when they filled half the batch), then whole conversations on images with distractors where the
+instruction names the target.
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ class Plan:
     sft_multi_steps: int = 150
     sft_batch: int = 32
     sft_lr: float = 1e-3
+    sft_multi_lr: float = 1e-3  # the conversation phase's rate
     sft_single_history: str = "current"  # one sample per step in the grounding phase: one image, short sequences
     sft_single_first_only: bool = True  # and only the first click: Terminate samples mixed in held grounding back
     sft_scheduler: str = "constant_with_warmup"
@@ -269,6 +274,7 @@ def run_sft(
     plan: Plan,
     steps: int,
     seed: int,
+    lr: float,
     history: str = "full",
     first_only: bool = False,
 ) -> float:
@@ -293,7 +299,7 @@ def run_sft(
         output_dir=str(out),
         max_steps=steps,
         per_device_train_batch_size=plan.sft_batch,
-        learning_rate=plan.sft_lr,
+        learning_rate=lr,
         lr_scheduler_type=plan.sft_scheduler,
         warmup_steps=10,
         logging_steps=25,
@@ -417,8 +423,8 @@ def run_seed(seed: int, plan: Plan, out: Path, data: dict, cases: list[dict], st
             root / "init", seed=seed, min_pixels=plan.pixels**2, max_pixels=plan.pixels**2, **plan.model
         )
     results["untrained"] = evaluate_policy(load_policy(root / "init", data["templates"]), cases, plan.eval_max_steps)
-    if not (root / "sft" / "config.json").is_file():
-        s1 = run_sft(
+    if not (root / "sft-single" / "config.json").is_file():
+        timing["sft_single_seconds"] = run_sft(
             root / "init",
             root / "sft-single",
             out / "traj-single",
@@ -426,11 +432,26 @@ def run_seed(seed: int, plan: Plan, out: Path, data: dict, cases: list[dict], st
             plan,
             plan.sft_single_steps,
             seed,
+            plan.sft_lr,
             plan.sft_single_history,
             plan.sft_single_first_only,
         )
-        s2 = run_sft(root / "sft-single", root / "sft", out / "traj-multi", data, plan, plan.sft_multi_steps, seed)
-        timing.update(sft_seconds=s1 + s2, sft_steps=plan.sft_single_steps + plan.sft_multi_steps)
+        saved.write_text(json.dumps(timing))
+    if not (root / "sft" / "config.json").is_file():
+        timing["sft_multi_seconds"] = run_sft(
+            root / "sft-single",
+            root / "sft",
+            out / "traj-multi",
+            data,
+            plan,
+            plan.sft_multi_steps,
+            seed,
+            plan.sft_multi_lr,
+        )
+        timing.update(
+            sft_seconds=timing.get("sft_single_seconds", 0.0) + timing["sft_multi_seconds"],
+            sft_steps=plan.sft_single_steps + plan.sft_multi_steps,
+        )
         saved.write_text(json.dumps(timing))
     results["SFT"] = evaluate_policy(load_policy(root / "sft", data["templates"]), cases, plan.eval_max_steps)
     print(f"seed {seed} SFT: {results['SFT']}", flush=True)
