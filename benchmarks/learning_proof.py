@@ -383,6 +383,34 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def criteria(results: dict) -> list[tuple[str, bool]]:
+    """The issue's acceptance checks on the table: (line stating the measured figures, met?). The seed spread is the
+    larger standard deviation over seeds of the two rows compared."""
+
+    def stat(row: str, metric: str) -> tuple[float, float]:
+        v = np.array([r[metric] for r in results[row]])
+        return float(v.mean()), float(v.std())
+
+    out = []
+    fv, _ = stat("SFT", "format_valid")
+    out.append((f"SFT format-valid {fv:.3f} >= 0.95", fv >= 0.95))
+    sft, _ = stat("SFT", "iou")
+    centre, _ = stat("centre click", "iou")
+    out.append((f"SFT IoU {sft:.3f} > centre-click IoU {centre:.3f}", sft > centre))
+    for metric in ("iou", "click_in_target"):
+        (a, sa), (b, sb) = stat("SFT", metric), stat("SFT+RL", metric)
+        spread = max(sa, sb)
+        gains = [r[metric] - s[metric] for r, s in zip(results["SFT+RL"], results["SFT"])]
+        out.append(
+            (
+                f"RL {metric} gain {b - a:+.3f} > seed spread {spread:.3f} "
+                f"(per seed: {', '.join(f'{g:+.3f}' for g in gains)})",
+                b - a > spread,
+            )
+        )
+    return out
+
+
 def plot_curves(curves: dict, path: Path) -> None:
     import matplotlib
 
@@ -553,6 +581,16 @@ def main(argv: list[str] | None = None) -> int:
         curves[s] = [json.loads(line) for line in lines if line.strip()]
     total = time.perf_counter() - t_start
     text = table(results)
+    checks = criteria(results)
+    text += "\n\n" + "\n".join(f"- {'met' if ok else 'NOT met'}: {line}" for line, ok in checks)
+    speeds = {
+        "multi-turn GRPO steps/s": [t.get("rl_steps_per_second") for t in timing.values()],
+        "step-level GRPO steps/s": [t.get("step_mode_steps_per_second") for t in timing.values()],
+    }
+    for name, values in speeds.items():
+        values = [v for v in values if v]
+        if values:
+            text += f"\n- {name}: " + ", ".join(f"{v:.3f}" for v in values)
     (out / "table.md").write_text(text + "\n")
     (out / "results.json").write_text(
         json.dumps(
@@ -564,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
                 "jobs": jobs,
                 "cores": os.cpu_count(),
                 "cases": len(cases),
+                "criteria": [{"check": line, "met": ok} for line, ok in checks],
             },
             indent=1,
         )
