@@ -67,7 +67,8 @@ class Plan:
     pixels: int = 28  # the image processor's budget: pixels**2 of area, (pixels / 28)**2 image tokens
     single_images: int = 4000
     multi_images: int = 1500
-    test_images: int = 60
+    rl_images: int = 2000  # RL prompts: 1-3 objects, the held-out set's mix (no trajectories needed)
+    test_images: int = 200
     model: dict = field(
         default_factory=lambda: dict(
             hidden_size=128,
@@ -95,6 +96,9 @@ class Plan:
     rl_generations: int = 8
     rl_lr: float = 5e-5
     rl_max_turns: int = 3
+    rl_temperature: float = 1.0
+    rl_iterations: int = 1  # mu: optimisation passes over each rollout batch (clipped ratio)
+    rl_scale_rewards: str = "group"
     step_mode_steps: int = 4  # a short step-level run, for its steps/s
     eval_max_steps: int = 4
 
@@ -137,14 +141,16 @@ def make_data(out: Path, plan: Plan) -> dict:
     from ibisagent_training.synthetic import write_synthetic_dataset
 
     shapes = out / "shapes"
+    kw = dict(size=plan.size, shapes=SHAPES, appearances=APPEARANCES, overwrite=True)
     if not (out / "traj-multi").is_dir():
-        kw = dict(size=plan.size, shapes=SHAPES, appearances=APPEARANCES, overwrite=True)
         write_synthetic_dataset(shapes, plan.single_images, 0, objects=(1, 1), split="single", **kw)
         write_synthetic_dataset(shapes, plan.multi_images, 0, objects=(2, 3), split="multi", targets="one", **kw)
         write_synthetic_dataset(shapes, plan.test_images, 0, objects=(1, 3), split="test", **kw)
         config = GenerateConfig(max_steps=4, stop_iou=0.85, max_length=4, min_dice=0.85)
         for split in ("single", "multi"):
             generate(shapes, out / f"traj-{split}", config, split=split, progress=False)
+    if not (shapes / "rl.json").is_file():
+        write_synthetic_dataset(shapes, plan.rl_images, 0, objects=(1, 3), split="rl", **kw)
     (out / "templates").mkdir(exist_ok=True)
     for name, text in TEMPLATES.items():
         (out / "templates" / name).write_text(text)
@@ -330,7 +336,7 @@ def run_grpo(start: Path, out: Path, data: dict, plan: Plan, seed: int, mode: st
         mode=mode,
         dialect=DIALECT,
         data=str(folder),
-        split="multi" if mode == "multi_turn" else None,
+        split="rl" if mode == "multi_turn" else None,
         template_dir=str(data["templates"]),
         instructions=str(data["instructions"]),
         max_turns=plan.rl_max_turns,
@@ -343,7 +349,9 @@ def run_grpo(start: Path, out: Path, data: dict, plan: Plan, seed: int, mode: st
         save_steps=0,
         logging_steps=5,
         seed=seed,
-        temperature=1.0,
+        temperature=plan.rl_temperature,
+        num_iterations=plan.rl_iterations,
+        scale_rewards=plan.rl_scale_rewards,
         mixed_precision="bf16" if _cuda() else "no",
     )
     return GRPOTrainer(args).train()
