@@ -91,14 +91,16 @@ class Plan:
     sft_single_history: str = "current"  # one sample per step in the grounding phase: one image, short sequences
     sft_single_first_only: bool = True  # and only the first click: Terminate samples mixed in held grounding back
     sft_scheduler: str = "constant_with_warmup"
-    rl_steps: int = 30
-    rl_prompts: int = 8
+    rl_steps: int = 60
+    rl_prompts: int = 32  # 256 episodes a step: a less noisy gradient, which a rate this high needs
     rl_generations: int = 8
-    rl_lr: float = 5e-5
+    rl_lr: float = 3e-4
     rl_max_turns: int = 3
     rl_temperature: float = 1.0
     rl_iterations: int = 1  # mu: optimisation passes over each rollout batch (clipped ratio)
-    rl_scale_rewards: str = "group"
+    # Advantages not divided by the group's std: most groups hold no hit, and dividing would blow their small
+    # differences (a format slip) up to the size of a hit's.
+    rl_scale_rewards: str = "none"
     step_mode_steps: int = 4  # a short step-level run, for its steps/s
     eval_max_steps: int = 4
 
