@@ -436,7 +436,16 @@ def plot_curves(curves: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
     for ax, (key, title) in zip(axes, keys):
         for seed, history in curves.items():
-            ax.plot([m["step"] for m in history], [m.get(key, np.nan) for m in history], label=f"seed {seed}")
+            steps = np.array([m["step"] for m in history])
+            values = np.array([m.get(key, np.nan) for m in history], dtype=float)
+            (line,) = ax.plot(steps, values, alpha=0.3, linewidth=0.8)
+            # Each step's prompts differ in difficulty: the trend shows in a moving mean over `smooth` steps.
+            smooth = min(10, len(values))
+            if smooth > 1:
+                mean = np.convolve(values, np.ones(smooth) / smooth, mode="valid")
+                ax.plot(steps[smooth - 1 :], mean, color=line.get_color(), label=f"seed {seed}")
+            else:
+                line.set_label(f"seed {seed}")
         ax.set_title(title)
         ax.set_xlabel("GRPO step")
     axes[0].legend()
