@@ -310,10 +310,9 @@ def test_grpo_cli_errors(setup, capsys):
     assert "beta must be 0" in capsys.readouterr().err
 
 
-def test_learning_proof_script_runs_end_to_end(tmp_path, monkeypatch):
-    """The learning-proof benchmark at toy size (a few steps): every phase runs, the table and curves are written,
-    and the baselines order as they must (oracle above a random object above the image centre is not guaranteed on
-    6 images, but the oracle is above both)."""
+@pytest.fixture
+def learning_proof(monkeypatch):
+    """benchmarks/learning_proof.py as a module."""
     import importlib.util
     import sys
     from pathlib import Path
@@ -323,6 +322,36 @@ def test_learning_proof_script_runs_end_to_end(tmp_path, monkeypatch):
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "learning_proof", module)  # dataclasses look their module up there
     spec.loader.exec_module(module)
+    return module
+
+
+def test_learning_proof_criteria(learning_proof):
+    """The acceptance checks: RL's gain must beat the larger of the two rows' spread over seeds, per metric."""
+
+    def rows(iou, hit, fv=1.0):
+        return [{"format_valid": fv, "iou": i, "click_in_target": h} for i, h in zip(iou, hit)]
+
+    results = {
+        "SFT": rows([0.20, 0.24, 0.22], [0.25, 0.31, 0.28], fv=0.96),
+        "SFT+RL": rows([0.26, 0.27, 0.25], [0.30, 0.33, 0.31]),
+        "centre click": rows([0.21] * 3, [0.1] * 3),
+    }
+    checks = [ok for _, ok in learning_proof.criteria(results)]
+    # IoU gain 0.04 > spread 0.016; hit gain 0.033 > spread 0.0245; SFT IoU 0.22 > 0.21
+    assert checks == [True, True, True, True]
+    results["SFT+RL"] = rows([0.26, 0.27, 0.25], [0.30, 0.28, 0.31])  # hit gain 0.017 < SFT spread 0.0245
+    results["centre click"] = rows([0.23] * 3, [0.1] * 3)
+    results["SFT"][0]["format_valid"] = 0.8
+    assert [ok for _, ok in learning_proof.criteria(results)] == [False, False, True, False]
+    line = learning_proof.criteria(results)[3][0]
+    assert "gain +0.017" in line and "seed spread 0.024" in line and "+0.050, -0.030, +0.030" in line
+
+
+def test_learning_proof_script_runs_end_to_end(tmp_path, learning_proof):
+    """The learning-proof benchmark at toy size (a few steps): every phase runs, the table and curves are written,
+    and the baselines order as they must (oracle above a random object above the image centre is not guaranteed on
+    6 images, but the oracle is above both)."""
+    module = learning_proof
     override = {
         "single_images": 12,
         "multi_images": 12,
