@@ -9,13 +9,20 @@ baselines (click the image centre; click a random object of the image; the oracl
 Run (CPU; the seeds run side by side, one process each, `--jobs N` to choose; an interrupted run continues, and a
 run whose phases are already on disk reuses them, e.g. to try RL settings from the same SFT models):
     .venv/bin/python benchmarks/learning_proof.py --out proof-cpu
-Measured on 2 cores at this CPU plan: 3 seeds side by side in 41.3 minutes, data included (each seed's 1,750 SFT
-steps in about 1,790 s, its 30 multi-turn GRPO steps at 0.11-0.12 steps/s; step mode 0.33 steps/s:
-seed<k>/timing.json). After SFT format-valid 1.00 and IoU 0.150 +- 0.036, above the centre click's 0.089; after RL
-IoU 0.164 +- 0.038: a gain inside the seed spread, so RL's criterion is not met. With --override
-'{"rl_lr": 1e-4, "rl_steps": 50, "rl_prompts": 16}' (the SFT phases reused) RL gave the same 0.164 +- 0.031; with
-rl_lr 3e-4 (40 steps) 0.150 +- 0.040, and 1e-3 drove the training episodes' format-valid rate to 0 within 10
-steps.
+Measured on 2 cores at this CPU plan: 3 seeds side by side in 42.0 minutes, data included (each seed's 1,750 SFT
+steps in about 980 s; its 60 multi-turn GRPO steps of 32 prompts x 8 episodes at 0.049-0.054 steps/s, three seeds
+sharing two cores; step mode 0.152 steps/s: seed<k>/timing.json), 400 held-out cases (200 images). After SFT
+format-valid 1.00 and IoU 0.211 +- 0.024, above the centre click's 0.077. After RL IoU 0.247 +- 0.012 (gain +0.035,
+above the seed spread) and click-in-target 0.307 +- 0.016 against SFT's 0.279 +- 0.029 (gain +0.028, inside the
+spread by 0.001: not met). The table ends with these checks.
+What RL needed (seed 0, 400 cases, SFT at IoU 0.185 / click-in-target 0.240; each variant is an --override of the
+rl_* fields with the SFT phases reused): 60 steps of 8 prompts at lr 1e-4
+reached 0.197 / 0.250; sampling at temperature 0.5 or 0.3 instead did worse (0.155-0.162 / 0.225-0.228), lr 3e-4 at
+temperature 0.5 drove the training format-valid rate to 0.5-0.75, and four ratio passes per batch (mu = 4) gave
+0.183 / 0.233 after 30 steps. 32 prompts a step at lr 3e-4 with advantages not scaled by the group std gave
+0.221 / 0.295 after 30 steps and 0.249 / 0.310 after 60 (this plan). Sampled at temperature 1 the SFT policy hits the
+target half as often as greedily (0.10 against 0.23 on 150 cases, a one-off check outside this script): RL's first ~40 steps raise the sampled rate (0.13 -> 0.28 in
+training episodes) to about the greedy one before the greedy clicks gain much.
 GPU mode (larger model, more steps; for a lent GPU machine):
     .venv/bin/python benchmarks/learning_proof.py --mode gpu --out proof-gpu
 
