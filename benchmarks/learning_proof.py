@@ -21,9 +21,10 @@ rl_* fields with the SFT phases reused). At 8 prompts a step with group-std adva
 temperature 0.5 drove the training format-valid rate to 0.5-0.75; four ratio passes per batch (mu = 4, 16 prompts)
 gave 0.183 / 0.233 after 30 steps. 32 prompts a step at lr 3e-4 with advantages not scaled by the group std gave
 0.221 / 0.295 after 30 steps and 0.249 / 0.310 after 60 (this plan); lr 6e-4 lowered the training format-valid rate
-to about 0.8 within 20 steps. Sampled at temperature 1 the SFT policy hits the target half as often as greedily
-(0.10 against 0.23 on 150 cases, a one-off check outside this script): RL's first ~40 steps raise the sampled rate
-(0.13 -> 0.28 in training episodes) to about the greedy one before the greedy clicks gain much.
+to about 0.8 within 20 steps. Sampled at temperature 1 the SFT policy hits the target far less often than greedily:
+over RL the training episodes' rate rises from 0.14 to 0.27 (seed 0, means of the first and last 10 steps of
+rl/metrics.jsonl; the moving mean in reward_curves.png), to about the SFT row's greedy one, while the greedy clicks
+gain less.
 GPU mode (larger model, more steps; for a lent GPU machine):
     .venv/bin/python benchmarks/learning_proof.py --mode gpu --out proof-gpu
 
@@ -390,13 +391,15 @@ def load_policy(folder: Path, templates: Path):
 METRICS = ("format_valid", "click_in_target", "iou", "dice", "steps")
 
 
+def _mean_std(per_seed: list[dict], metric: str) -> tuple[float, float]:
+    v = np.array([r[metric] for r in per_seed])
+    return float(v.mean()), float(v.std())
+
+
 def table(results: dict) -> str:
     lines = ["| policy | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for name, per_seed in results.items():
-        cells = []
-        for m in METRICS:
-            v = np.array([r[m] for r in per_seed])
-            cells.append(f"{v.mean():.3f} ± {v.std():.3f}")
+        cells = ["{:.3f} ± {:.3f}".format(*_mean_std(per_seed, m)) for m in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -406,8 +409,7 @@ def criteria(results: dict) -> list[tuple[str, bool]]:
     larger standard deviation over seeds of the two rows compared."""
 
     def stat(row: str, metric: str) -> tuple[float, float]:
-        v = np.array([r[metric] for r in results[row]])
-        return float(v.mean()), float(v.std())
+        return _mean_std(results[row], metric)
 
     out = []
     fv, _ = stat("SFT", "format_valid")

@@ -371,7 +371,7 @@ def test_learning_proof_script_runs_end_to_end(tmp_path, learning_proof):
     oracle = results["results"]["oracle"][0]
     assert oracle["iou"] > 0.8 and oracle["iou"] > results["results"]["centre click"][0]["iou"]
     assert results["timing"]["0"]["rl_steps_per_second"] > 0 and "step_mode_steps_per_second" in results["timing"]["0"]
-    checks = {c["check"].split(" ")[0] + " " + c["check"].split(" ")[1]: c["met"] for c in results["criteria"]}
+    checks = {" ".join(c["check"].split()[:2]): c["met"] for c in results["criteria"]}
     assert list(checks) == ["SFT format-valid", "SFT IoU", "RL iou", "RL click_in_target"]
     sft, rl = results["results"]["SFT"][0], results["results"]["SFT+RL"][0]
     assert checks["RL iou"] == (rl["iou"] - sft["iou"] > 0.0)  # one seed: the spread is 0
