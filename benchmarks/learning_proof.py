@@ -104,6 +104,7 @@ class Plan:
     rl_prompts: int = 32  # 256 episodes a step: a less noisy gradient, which a rate this high needs
     rl_generations: int = 8
     rl_lr: float = 3e-4
+    rl_lr_scheduler: str = "constant"
     rl_max_turns: int = 3
     rl_temperature: float = 1.0
     rl_iterations: int = 1  # mu: optimisation passes over each rollout batch (clipped ratio)
@@ -355,6 +356,7 @@ def run_grpo(start: Path, out: Path, data: dict, plan: Plan, seed: int, mode: st
         prompts_per_step=plan.rl_prompts,
         max_steps=steps,
         learning_rate=plan.rl_lr,
+        lr_scheduler_type=plan.rl_lr_scheduler,
         max_new_tokens=80,
         micro_batch_size=16,
         save_steps=0,

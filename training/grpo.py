@@ -31,12 +31,14 @@ Launch: `accelerate launch -m ibisagent_training.grpo --config grpo.yaml` (or `i
 from __future__ import annotations
 
 import json
+import math
 import random
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,7 @@ IGNORE_INDEX = -100
 MODES = ("multi_turn", "step")
 LOSS_TYPES = ("dapo", "grpo")
 SCALE_REWARDS = ("group", "none")
+LR_SCHEDULERS = ("constant", "linear", "cosine")
 
 
 # -- configuration -----------------------------------------------------------------------------------------------------
@@ -94,7 +97,11 @@ class GRPOArguments:
     max_steps: int = field(default=100, metadata={"help": "optimisation steps"})
     learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up, in optimisation steps"})
+    lr_scheduler_type: str = field(
+        default="constant",
+        metadata={"help": "after warm-up: constant (the paper's RL), or linear / cosine decay to 0 at max_steps"},
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)"})
     num_iterations: int = field(default=1, metadata={"help": "optimisation passes over each rollout batch (mu)"})
     epsilon: float = field(default=0.2, metadata={"help": "lower clip of the probability ratio"})
@@ -130,6 +137,10 @@ class GRPOArguments:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        if self.lr_scheduler_type not in LR_SCHEDULERS:
+            raise ValueError(
+                f"lr_scheduler_type must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler_type!r}"
+            )
         if self.scale_rewards not in SCALE_REWARDS:
             raise ValueError(f"scale_rewards must be one of {', '.join(SCALE_REWARDS)}, got {self.scale_rewards!r}")
         if self.beta != 0.0:
@@ -606,6 +617,18 @@ def group_advantages(totals: Sequence[float], group_size: int, scale: str = "gro
     return adv.reshape(-1).tolist()
 
 
+def lr_factor(update: int, kind: str, warmup: int, total: int) -> float:
+    """Learning-rate multiplier of optimiser update `update` (0-based): (update + 1) / (warmup + 1) during warm-up,
+    then 1 (constant), or decayed to 0 at `total` updates, linearly (1 - p) or on a half cosine (1 + cos(pi p)) / 2,
+    p being the share of the post-warm-up updates already done."""
+    if update < warmup:
+        return (update + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    p = min(1.0, (update - warmup) / max(total - warmup, 1))
+    return 1.0 - p if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * p))
+
+
 # -- loss ----------------------------------------------------------------------------------------------------------------
 def token_logps(model, batch: dict, temperature: float = 1.0):
     """Log-probabilities of each next token under `model` (logits divided by the sampling temperature) and the mask
@@ -695,8 +718,13 @@ class GRPOTrainer:
         self.tools = [factory() for _ in range(args.prompts_per_step)]  # built once, one per prompt of a step
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
-        warmup = max(args.warmup_steps, 0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+        schedule = partial(
+            lr_factor,
+            kind=args.lr_scheduler_type,
+            warmup=max(args.warmup_steps, 0) * args.num_iterations,
+            total=args.max_steps * args.num_iterations,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.step = 0
         if self.resume:
@@ -857,6 +885,10 @@ class GRPOTrainer:
         self.step = int(state["step"])
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
         self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+        # The rate follows this run's schedule: resumed with a larger max_steps, a decay stretches to the new end.
+        inner = getattr(self.scheduler, "scheduler", self.scheduler)
+        for group, base, factor in zip(self.optimizer.param_groups, inner.base_lrs, inner.lr_lambdas):
+            group["lr"] = base * factor(inner.last_epoch)
 
 
 def _choose(rng: np.random.Generator, n: int, k: int) -> list[int]:

@@ -23,6 +23,7 @@ from ibisagent_training.grpo import (
     StepRows,
     VQARows,
     group_advantages,
+    lr_factor,
     policy_loss,
     rollout,
     token_logps,
@@ -245,14 +246,29 @@ def test_group_advantages_and_clipped_loss():
     assert float(loss) == pytest.approx(-2 * 1.2 / 3)
 
 
+def test_learning_rate_schedules():
+    assert [lr_factor(u, "constant", 2, 10) for u in (0, 1, 2, 9)] == [1 / 3, 2 / 3, 1.0, 1.0]
+    assert [lr_factor(u, "linear", 0, 4) for u in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert [lr_factor(u, "cosine", 0, 4) for u in (0, 2, 4)] == pytest.approx([1.0, 0.5, 0.0])
+    assert lr_factor(1, "linear", 2, 6) == pytest.approx(2 / 3)  # warm-up first, decay after it
+    assert lr_factor(4, "linear", 2, 6) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="lr_scheduler_type must be one of constant, linear, cosine, got 'step'"):
+        GRPOArguments(lr_scheduler_type="step")
+
+
 def test_trainer_resumes_to_the_same_weights_and_logs_metrics(setup, tmp_path):
-    """Two steps straight equal one step, a checkpoint, and a resumed second step (prompts and sampling are seeded per
-    step); metrics.jsonl has one line per step with every reward component."""
+    """Two steps straight equal one step, a checkpoint, and a resumed second step (prompts, sampling and the decaying
+    learning rate carry over); metrics.jsonl has one line per step with every reward component."""
     import torch
 
     root, model_dir, start, _ = setup
     common = dict(
-        model_name_or_path=str(model_dir), max_steps=2, max_invalid=2, vqa_file=str(root / "vqa.json"), vqa_fraction=0.5
+        model_name_or_path=str(model_dir),
+        max_steps=2,
+        max_invalid=2,
+        vqa_file=str(root / "vqa.json"),
+        vqa_fraction=0.5,
+        lr_scheduler_type="linear",
     )
     straight = GRPOTrainer(_args(root, output_dir=str(tmp_path / "a"), **common))
     straight.train()
@@ -267,6 +283,8 @@ def test_trainer_resumes_to_the_same_weights_and_logs_metrics(setup, tmp_path):
     assert not all(torch.equal(a[k], p) for k, p in start.named_parameters())  # it did learn something
     lines = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2]
+    straight_lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["learning_rate"] for m in straight_lines] == pytest.approx([0.5e-3, 0.0])  # after each step's update
     for key in (
         "reward/format",
         "reward/answer",
