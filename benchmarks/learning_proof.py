@@ -92,7 +92,7 @@ class Plan:
             rope_theta=10.0,
         )
     )
-    sft_single_steps: int = 1600
+    sft_single_steps: int = 1200
     sft_multi_steps: int = 150
     sft_batch: int = 32
     sft_lr: float = 1e-3
