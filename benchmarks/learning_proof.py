@@ -9,22 +9,25 @@ baselines (click the image centre; click a random object of the image; the oracl
 Run (CPU; the seeds run side by side, one process each, `--jobs N` to choose; an interrupted run continues, and a
 run whose phases are already on disk reuses them, e.g. to try RL settings from the same SFT models):
     .venv/bin/python benchmarks/learning_proof.py --out proof-cpu
-Measured on 2 cores at this CPU plan: 3 seeds side by side in 42.0 minutes, data included (each seed's 1,750 SFT
-steps in about 980 s; its 60 multi-turn GRPO steps of 32 prompts x 8 episodes at 0.049-0.054 steps/s, three seeds
-sharing two cores; step mode 0.152 steps/s: seed<k>/timing.json), 400 held-out cases (200 images). After SFT
-format-valid 1.00 and IoU 0.211 +- 0.024, above the centre click's 0.077. After RL IoU 0.247 +- 0.012 (gain +0.035,
-above the seed spread) and click-in-target 0.307 +- 0.016 against SFT's 0.279 +- 0.029 (gain +0.028, inside the
-spread by 0.001: not met). The table ends with these checks.
-What RL needed (seed 0, 400 cases, SFT at IoU 0.185 / click-in-target 0.240; each variant is an --override of the
-rl_* fields with the SFT phases reused). At 8 prompts a step with group-std advantages: 60 steps at lr 1e-4 reached
-0.197 / 0.250; sampling at temperature 0.5 or 0.3 instead did worse (0.155-0.162 / 0.225-0.228); lr 3e-4 at
-temperature 0.5 drove the training format-valid rate to 0.5-0.75; four ratio passes per batch (mu = 4, 16 prompts)
-gave 0.183 / 0.233 after 30 steps. 32 prompts a step at lr 3e-4 with advantages not scaled by the group std gave
-0.221 / 0.295 after 30 steps and 0.249 / 0.310 after 60 (this plan); lr 6e-4 lowered the training format-valid rate
-to about 0.8 within 20 steps. Sampled at temperature 1 the SFT policy hits the target far less often than greedily:
-over RL the training episodes' rate rises from 0.14 to 0.27 (seed 0, means of the first and last 10 steps of
-rl/metrics.jsonl; the moving mean in reward_curves.png), to about the SFT row's greedy one, while the greedy clicks
-gain less.
+Measured on 2 cores at this CPU plan: 3 seeds side by side in 39.0 minutes, data included (each seed's 1,350 SFT
+steps in about 780 s; its 60 multi-turn GRPO steps of 32 prompts x 8 episodes at 0.049-0.053 steps/s, three seeds
+sharing two cores; step mode 0.146 steps/s: seed<k>/timing.json), 400 held-out cases (200 images). After SFT
+format-valid 1.00 and IoU 0.168 +- 0.014, above the centre click's 0.077. After RL IoU 0.188 +- 0.013 (gain +0.019,
+seed spread 0.014) and click-in-target 0.251 +- 0.008 against SFT's 0.231 +- 0.010 (gain +0.020, seed spread 0.010);
+every seed gains in both. The table ends with these checks.
+What RL needed (each variant is an --override of the rl_* fields with the SFT phases reused). On a seed-0 SFT model of
+1,600 first-click steps (IoU 0.185 / click-in-target 0.240), at 8 prompts a step with group-std advantages: 60 steps at
+lr 1e-4 reached 0.197 / 0.250; sampling at temperature 0.5 or 0.3 instead did worse (0.155-0.162 / 0.225-0.228); lr 3e-4
+at temperature 0.5 drove the training format-valid rate to 0.5-0.75; four ratio passes per batch (mu = 4, 16 prompts)
+gave 0.183 / 0.233 after 30 steps. 32 prompts a step at lr 3e-4 with advantages not scaled by the group std gave 0.221 /
+0.295 after 30 steps and 0.249 / 0.310 after 60 (this plan's RL); lr 6e-4 lowered the training format-valid rate to
+about 0.8 within 20 steps. Over 3 seeds that 1,600-step start reached more (SFT click-in-target 0.279 +- 0.029, IoU
+0.211 +- 0.024; after RL 0.307 +- 0.016 and 0.247 +- 0.012, 42.0 minutes), but RL's click gain there (+0.070, +0.018,
+-0.005 per seed) stayed inside the seed spread: after RL the greedy rate stood at 0.29-0.33 in every run, where the
+stronger seeds' SFT already was; a linear decay of the rate to 0 gained less (+0.016). The 1,200-step cold start leaves
+every seed below that level for RL to climb. Sampled at temperature 1 the SFT policy hits the target far less often than
+greedily: over RL the training episodes' rate rises from 0.11-0.15 to 0.20-0.23 (means of the first and last 10 steps of
+rl/metrics.jsonl; the moving mean in reward_curves.png), still rising at step 60.
 GPU mode (larger model, more steps; for a lent GPU machine):
     .venv/bin/python benchmarks/learning_proof.py --mode gpu --out proof-gpu
 
