@@ -14,7 +14,10 @@ steps in about 780 s; its 60 multi-turn GRPO steps of 32 prompts x 8 episodes at
 sharing two cores; step mode 0.146 steps/s: seed<k>/timing.json), 400 held-out cases (200 images). After SFT
 format-valid 1.00 and IoU 0.168 +- 0.014, above the centre click's 0.077. After RL IoU 0.188 +- 0.013 (gain +0.019,
 seed spread 0.014) and click-in-target 0.251 +- 0.008 against SFT's 0.231 +- 0.010 (gain +0.020, seed spread 0.010);
-every seed gains in both. The table ends with these checks.
+every seed gains in both. The table ends with these checks. On seeds 3-5 (--seeds 3 4 5, 39.2 minutes) both RL
+checks fail: seed 5's SFT had not learned where to click after 1,200 steps (click-in-target 0.093, IoU 0.072) and RL
+did not rescue it (0.085 / 0.055), while seeds 3 and 4 gained +0.015 / +0.027 in click-in-target and +0.024 / +0.049
+in IoU: when grounding emerges during SFT varies by seed, and a fixed step count does not wait for it.
 What RL needed (each variant is an --override of the rl_* fields with the SFT phases reused). On a seed-0 SFT model of
 1,600 first-click steps (IoU 0.185 / click-in-target 0.240), at 8 prompts a step with group-std advantages: 60 steps at
 lr 1e-4 reached 0.197 / 0.250; sampling at temperature 0.5 or 0.3 instead did worse (0.155-0.162 / 0.225-0.228); lr 3e-4
