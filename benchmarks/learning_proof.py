@@ -26,11 +26,12 @@ gave 0.183 / 0.233 after 30 steps. 32 prompts a step at lr 3e-4 with advantages 
 0.295 after 30 steps and 0.249 / 0.310 after 60 (this plan's RL); lr 6e-4 lowered the training format-valid rate to
 about 0.8 within 20 steps. Over 3 seeds that 1,600-step start reached more (SFT click-in-target 0.279 +- 0.029, IoU
 0.211 +- 0.024; after RL 0.307 +- 0.016 and 0.247 +- 0.012, 42.0 minutes), but RL's click gain there (+0.070, +0.018,
--0.005 per seed) stayed inside the seed spread: after RL the greedy rate stood at 0.29-0.33 in every run, where the
-stronger seeds' SFT already was; a linear decay of the rate to 0 gained less (+0.016). The 1,200-step cold start leaves
-every seed below that level for RL to climb. Sampled at temperature 1 the SFT policy hits the target far less often than
-greedily: over RL the training episodes' rate rises from 0.11-0.15 to 0.20-0.23 (means of the first and last 10 steps of
-rl/metrics.jsonl; the moving mean in reward_curves.png), still rising at step 60.
+-0.005 per seed) stayed inside the seed spread: after RL the greedy rate stood at 0.285-0.326, where the stronger seeds'
+SFT already was; a linear decay of the rate to 0 (rl_lr_scheduler, same SFT models) gained less (+0.016, to
+0.288-0.300). The 1,200-step cold start leaves every seed below that level for RL to climb. Sampled at temperature 1 the
+SFT policy hits the target far less often than greedily: over RL the training episodes' rate rises from 0.11-0.15 to
+0.20-0.23 (means of the first and last 10 steps of rl/metrics.jsonl; the moving mean in reward_curves.png), still rising
+at step 60.
 GPU mode (larger model, more steps; for a lent GPU machine):
     .venv/bin/python benchmarks/learning_proof.py --mode gpu --out proof-gpu
 
