@@ -99,7 +99,13 @@ class Plan:
             rope_theta=10.0,
         )
     )
-    sft_single_steps: int = 1200
+    # The first-click phase runs until greedy first clicks land inside the object on this share of held-out
+    # single-object images (checked every sft_probe_every steps on sft_probe_images images), at most
+    # sft_single_steps steps: when grounding emerges varies by seed, and a fixed step count does not wait for it.
+    sft_single_steps: int = 2400
+    sft_probe_target: float = 0.6
+    sft_probe_every: int = 100
+    sft_probe_images: int = 200
     sft_multi_steps: int = 150
     sft_batch: int = 32
     sft_lr: float = 1e-3
@@ -142,7 +148,8 @@ PLANS = {
             vision_intermediate_size=768,
             rope_theta=50.0,
         ),
-        sft_single_steps=1500,
+        sft_single_steps=4000,
+        sft_probe_target=0.9,
         sft_multi_steps=3000,
         sft_batch=64,
         sft_lr=1e-3,
@@ -170,6 +177,8 @@ def make_data(out: Path, plan: Plan) -> dict:
             generate(shapes, out / f"traj-{split}", config, split=split, progress=False)
     if not (shapes / "rl.json").is_file():
         write_synthetic_dataset(shapes, plan.rl_images, 0, objects=(1, 3), split="rl", **kw)
+    if plan.sft_probe_images and not (shapes / "probe.json").is_file():
+        write_synthetic_dataset(shapes, plan.sft_probe_images, 0, objects=(1, 1), split="probe", **kw)
     (out / "templates").mkdir(exist_ok=True)
     for name, text in TEMPLATES.items():
         (out / "templates" / name).write_text(text)
@@ -177,9 +186,9 @@ def make_data(out: Path, plan: Plan) -> dict:
     return {"shapes": shapes, "templates": out / "templates", "instructions": out / "instructions.json"}
 
 
-def test_cases(shapes: Path, instructions: Path) -> list[dict]:
-    """Every object of every held-out image: image, target name, the instruction (from the same instruction library
-    as training), its mask and the image's other masks."""
+def test_cases(shapes: Path, instructions: Path, split: str = "test") -> list[dict]:
+    """Every object of every image of a held-out split: image, target name, the instruction (from the same
+    instruction library as training), its mask and the image's other masks."""
     import random
 
     from ibisagent.io import read_image, read_mask
@@ -187,15 +196,16 @@ def test_cases(shapes: Path, instructions: Path) -> list[dict]:
 
     library = InstructionLibrary.from_file(instructions)
 
-    doc = json.loads((shapes / "test.json").read_text())
+    doc = json.loads((shapes / f"{split}.json").read_text())
     by_image: dict[int, list[dict]] = {}
     for a in doc["annotations"]:
         by_image.setdefault(a["image_id"], []).append(a)
     cases = []
     for im in doc["images"]:
-        image = read_image(shapes / "test" / im["file_name"])
+        image = read_image(shapes / split / im["file_name"])
         masks = {
-            a["target"]: read_mask(shapes / "test_mask" / a["mask_file"], image.shape[:2]) for a in by_image[im["id"]]
+            a["target"]: read_mask(shapes / f"{split}_mask" / a["mask_file"], image.shape[:2])
+            for a in by_image[im["id"]]
         }
         for a in by_image[im["id"]]:
             cases.append(
@@ -291,6 +301,32 @@ def _inside(click, gt: np.ndarray) -> bool:
 
 
 # -- training ------------------------------------------------------------------------------------------------------------
+def grounding_stop(cases: list[dict], templates: Path, every: int, target: float, log: Path):
+    """A trainer callback: every `every` steps, the greedy first click on each probe case (one step through the
+    agent loop, as `evaluate_policy`); appends {"step", "click_in_target", "format_valid"} to `log` (JSON lines) and
+    stops training once click_in_target >= target."""
+    from transformers import TrainerCallback
+
+    from ibisagent.policies.hf_vlm import HFVLMPolicy
+
+    class GroundingStop(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+            if state.global_step % every:
+                return
+            model.eval()
+            policy = HFVLMPolicy(model, processing_class, dialect=DIALECT, template_dir=templates, max_new_tokens=80)
+            probe = evaluate_policy(policy, cases, max_steps=1)
+            model.train()
+            record = {"step": state.global_step, **{k: probe[k] for k in ("click_in_target", "format_valid")}}
+            with open(log, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(f"probe {record}", flush=True)
+            if probe["click_in_target"] >= target:
+                control.should_training_stop = True
+
+    return GroundingStop()
+
+
 def run_sft(
     init: Path,
     out: Path,
@@ -302,7 +338,9 @@ def run_sft(
     lr: float,
     history: str = "full",
     first_only: bool = False,
-) -> float:
+    callbacks: list | None = None,
+) -> tuple[float, int]:
+    """Train and save to `out`; returns (seconds, steps run)."""
     from trl import ModelConfig, SFTConfig
 
     from ibisagent_training.sft import SFTDataArguments, build_trainer
@@ -338,12 +376,14 @@ def run_sft(
         max_length=None,
         disable_tqdm=True,
     )
-    trainer = build_trainer(data_args, args, ModelConfig(model_name_or_path=str(init), dtype="float32"))
+    trainer = build_trainer(
+        data_args, args, ModelConfig(model_name_or_path=str(init), dtype="float32"), callbacks=callbacks
+    )
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
     trainer.save_model(str(out))
-    return seconds
+    return seconds, trainer.state.global_step
 
 
 def run_grpo(start: Path, out: Path, data: dict, plan: Plan, seed: int, mode: str, steps: int, folder: Path) -> list:
@@ -490,7 +530,13 @@ def run_seed(seed: int, plan: Plan, out: Path, data: dict, cases: list[dict], st
         )
     results["untrained"] = evaluate_policy(load_policy(root / "init", data["templates"]), cases, plan.eval_max_steps)
     if not (root / "sft-single" / "config.json").is_file():
-        timing["sft_single_seconds"] = run_sft(
+        callbacks = None
+        if plan.sft_probe_images:
+            log = root / "probe.jsonl"
+            log.unlink(missing_ok=True)
+            probe = test_cases(data["shapes"], data["instructions"], "probe")
+            callbacks = [grounding_stop(probe, data["templates"], plan.sft_probe_every, plan.sft_probe_target, log)]
+        timing["sft_single_seconds"], timing["sft_single_steps"] = run_sft(
             root / "init",
             root / "sft-single",
             out / "traj-single",
@@ -501,10 +547,11 @@ def run_seed(seed: int, plan: Plan, out: Path, data: dict, cases: list[dict], st
             plan.sft_lr,
             plan.sft_single_history,
             plan.sft_single_first_only,
+            callbacks,
         )
         saved.write_text(json.dumps(timing))
     if not (root / "sft" / "config.json").is_file():
-        timing["sft_multi_seconds"] = run_sft(
+        timing["sft_multi_seconds"], _ = run_sft(
             root / "sft-single",
             root / "sft",
             out / "traj-multi",
@@ -516,7 +563,7 @@ def run_seed(seed: int, plan: Plan, out: Path, data: dict, cases: list[dict], st
         )
         timing.update(
             sft_seconds=timing.get("sft_single_seconds", 0.0) + timing["sft_multi_seconds"],
-            sft_steps=plan.sft_single_steps + plan.sft_multi_steps,
+            sft_steps=timing.get("sft_single_steps", plan.sft_single_steps) + plan.sft_multi_steps,
         )
         saved.write_text(json.dumps(timing))
     results["SFT"] = evaluate_policy(load_policy(root / "sft", data["templates"]), cases, plan.eval_max_steps)

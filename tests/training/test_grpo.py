@@ -366,8 +366,8 @@ def test_learning_proof_criteria(learning_proof):
 
 
 def test_learning_proof_script_runs_end_to_end(tmp_path, learning_proof):
-    """The learning-proof benchmark at toy size (a few steps): every phase runs, the table and curves are written,
-    and the baselines order as they must (oracle above a random object above the image centre is not guaranteed on
+    """The learning-proof benchmark at toy size (a few steps): every phase runs, the grounding probe stops the
+    first-click phase once its target is met, the table and curves are written, and the baselines order as they must (oracle above a random object above the image centre is not guaranteed on
     6 images, but the oracle is above both)."""
     module = learning_proof
     override = {
@@ -375,7 +375,10 @@ def test_learning_proof_script_runs_end_to_end(tmp_path, learning_proof):
         "multi_images": 12,
         "rl_images": 4,
         "test_images": 4,
-        "sft_single_steps": 2,
+        "sft_single_steps": 3,
+        "sft_probe_every": 1,
+        "sft_probe_images": 3,
+        "sft_probe_target": 0.0,  # met at the first probe: the first-click phase stops after one step
         "sft_multi_steps": 2,
         "sft_batch": 4,
         "rl_steps": 2,
@@ -388,7 +391,11 @@ def test_learning_proof_script_runs_end_to_end(tmp_path, learning_proof):
     assert set(results["results"]) == {"untrained", "SFT", "SFT+RL", "centre click", "random object", "oracle"}
     oracle = results["results"]["oracle"][0]
     assert oracle["iou"] > 0.8 and oracle["iou"] > results["results"]["centre click"][0]["iou"]
-    assert results["timing"]["0"]["rl_steps_per_second"] > 0 and "step_mode_steps_per_second" in results["timing"]["0"]
+    timing = results["timing"]["0"]
+    assert timing["rl_steps_per_second"] > 0 and "step_mode_steps_per_second" in timing
+    assert timing["sft_single_steps"] == 1 and timing["sft_steps"] == 3
+    probes = [json.loads(line) for line in (tmp_path / "seed0" / "probe.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in probes] == [1] and 0.0 <= probes[0]["click_in_target"] <= 1.0
     checks = {" ".join(c["check"].split()[:2]): c["met"] for c in results["criteria"]}
     assert list(checks) == ["SFT format-valid", "SFT IoU", "RL iou", "RL click_in_target"]
     sft, rl = results["results"]["SFT"][0], results["results"]["SFT+RL"][0]
