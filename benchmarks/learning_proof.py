@@ -9,29 +9,40 @@ baselines (click the image centre; click a random object of the image; the oracl
 Run (CPU; the seeds run side by side, one process each, `--jobs N` to choose; an interrupted run continues, and a
 run whose phases are already on disk reuses them, e.g. to try RL settings from the same SFT models):
     .venv/bin/python benchmarks/learning_proof.py --out proof-cpu
-Measured on 2 cores at this CPU plan: 3 seeds side by side in 39.0 minutes, data included (each seed's 1,350 SFT
-steps in about 780 s; its 60 multi-turn GRPO steps of 32 prompts x 8 episodes at 0.049-0.053 steps/s, three seeds
-sharing two cores; step mode 0.146 steps/s: seed<k>/timing.json), 400 held-out cases (200 images). After SFT
-format-valid 1.00 and IoU 0.168 +- 0.014, above the centre click's 0.077. After RL IoU 0.188 +- 0.013 (gain +0.019,
-seed spread 0.014) and click-in-target 0.251 +- 0.008 against SFT's 0.231 +- 0.010 (gain +0.020, seed spread 0.010);
-every seed gains in both. The table ends with these checks. On seeds 3-5 (--seeds 3 4 5, 39.2 minutes) both RL
-checks fail: seed 5's SFT had not learned where to click after 1,200 steps (click-in-target 0.093, IoU 0.072) and RL
-did not rescue it (0.085 / 0.055), while seeds 3 and 4 gained +0.015 / +0.027 in click-in-target and +0.024 / +0.049
-in IoU: when grounding emerges during SFT varies by seed, and a fixed step count does not wait for it.
-What RL needed (each variant is an --override of the rl_* fields with the SFT phases reused). On a seed-0 SFT model of
-1,600 first-click steps (IoU 0.185 / click-in-target 0.240), at 8 prompts a step with group-std advantages: 60 steps at
-lr 1e-4 reached 0.197 / 0.250; sampling at temperature 0.5 or 0.3 instead did worse (0.155-0.162 / 0.225-0.228); lr 3e-4
-at temperature 0.5 drove the training format-valid rate to 0.5-0.75; four ratio passes per batch (mu = 4, 16 prompts)
-gave 0.183 / 0.233 after 30 steps. 32 prompts a step at lr 3e-4 with advantages not scaled by the group std gave 0.221 /
-0.295 after 30 steps and 0.249 / 0.310 after 60 (this plan's RL); lr 6e-4 lowered the training format-valid rate to
-about 0.8 within 20 steps. Over 3 seeds that 1,600-step start reached more (SFT click-in-target 0.279 +- 0.029, IoU
-0.211 +- 0.024; after RL 0.307 +- 0.016 and 0.247 +- 0.012, 42.0 minutes), but RL's click gain there (+0.070, +0.018,
--0.005 per seed) stayed inside the seed spread: after RL the greedy rate stood at 0.285-0.326, where the stronger seeds'
-SFT already was; a linear decay of the rate to 0 (rl_lr_scheduler, same SFT models) gained less (+0.016, to
-0.288-0.300). The 1,200-step cold start leaves every seed below that level for RL to climb. Sampled at temperature 1 the
-SFT policy hits the target far less often than greedily: over RL the training episodes' rate rises from 0.11-0.15 to
-0.20-0.23 (means of the first and last 10 steps of rl/metrics.jsonl; the moving mean in reward_curves.png), still rising
-at step 60.
+Measured on 2 cores at this CPU plan, 3 seeds side by side, 400 held-out cases (200 images); the table ends with the
+four checks, and each seed's first-click probe is in seed<k>/probe.jsonl, its times in seed<k>/timing.json.
+- Seeds 0-2 (the default): 47.5 minutes, data included (68 s). The probe's hit rate stayed at 0.3 or below for the
+  first 600-900 steps, then climbed; the first-click phase stopped at 1,100 / 1,200 / 1,300 steps, and with the 150
+  conversation steps each seed's SFT took 1,050-1,180 s. After SFT format-valid 1.00 and IoU 0.161 +- 0.017, above the
+  centre click's 0.077. After RL IoU 0.195 +- 0.029 (gain +0.034, seed spread 0.029) and click-in-target
+  0.257 +- 0.026 against SFT's 0.228 +- 0.020 (gain +0.028, seed spread 0.026): all four checks met, every seed gains
+  in both (IoU +0.020 / +0.017 / +0.067, click-in-target +0.027 / +0.010 / +0.047).
+- Seeds 3-5 (--seeds 3 4 5): 54.0 minutes with the first run's data reused (about 55 with it made afresh). Seeds 3
+  and 4 stopped at 900 steps; seed 5's probe stayed at 0.08-0.19 until step 1,900 and reached 0.555 at the 2,400-step
+  cap. After SFT format-valid 1.00, IoU 0.144 +- 0.002 and click-in-target 0.195 +- 0.010; after RL 0.177 +- 0.015
+  (gain +0.033, spread 0.015) and 0.239 +- 0.020 (gain +0.044, spread 0.020): all four checks met, every seed gains
+  in both (IoU +0.025 / +0.018 / +0.054, click-in-target +0.013 / +0.048 / +0.073).
+- 60 multi-turn GRPO steps of 32 prompts x 8 episodes run at 0.044-0.051 steps/s with three seeds sharing two cores
+  (0.072 for seed 5, whose RL ran alone); step mode 0.137-0.150 steps/s.
+With a fixed 1,200 first-click steps instead, seeds 0-2 met the four checks too (39.0 minutes; click-in-target
+0.231 -> 0.251, IoU 0.168 -> 0.188), but on seeds 3-5 both RL checks failed: seed 5 had not learned where to click
+(click-in-target 0.093, IoU 0.072) and RL did not rescue it (0.085 / 0.055). When grounding emerges varies by seed,
+hence the probe. The agent stays weak: it clicks the named object less often than a click on a random object of the
+image would (0.48-0.49).
+What RL needed (measured on the fixed-step cold start; each variant is an --override of the rl_* fields with the SFT
+phases reused). On a seed-0 SFT model of 1,600 first-click steps (IoU 0.185 / click-in-target 0.240), at 8 prompts a
+step with group-std advantages: 60 steps at lr 1e-4 reached 0.197 / 0.250; sampling at temperature 0.5 or 0.3 instead
+did worse (0.155-0.162 / 0.225-0.228); lr 3e-4 at temperature 0.5 drove the training format-valid rate to 0.5-0.75;
+four ratio passes per batch (mu = 4, 16 prompts) gave 0.183 / 0.233 after 30 steps. 32 prompts a step at lr 3e-4 with
+advantages not scaled by the group std gave 0.221 / 0.295 after 30 steps and 0.249 / 0.310 after 60 (this plan's RL);
+lr 6e-4 lowered the training format-valid rate to about 0.8 within 20 steps. Over 3 seeds that 1,600-step start
+reached more (SFT click-in-target 0.279 +- 0.029, IoU 0.211 +- 0.024; after RL 0.307 +- 0.016 and 0.247 +- 0.012,
+42.0 minutes), but RL's click gain there (+0.070, +0.018, -0.005 per seed) stayed inside the seed spread: after RL the
+greedy rate stood at 0.285-0.326, where the stronger seeds' SFT already was; a linear decay of the rate to 0
+(rl_lr_scheduler, same SFT models) gained less (+0.016, to 0.288-0.300). Sampled at temperature 1 the SFT policy hits
+the target far less often than greedily: over RL the training episodes' rate rises from 0.11-0.15 to 0.19-0.23 in all
+six seeds of the two runs above (means of the first and last 10 steps of rl/metrics.jsonl; the moving mean in
+reward_curves.png), still rising at step 60.
 GPU mode (larger model, more steps; for a lent GPU machine):
     .venv/bin/python benchmarks/learning_proof.py --mode gpu --out proof-gpu
 

@@ -367,8 +367,9 @@ def test_learning_proof_criteria(learning_proof):
 
 def test_learning_proof_script_runs_end_to_end(tmp_path, learning_proof):
     """The learning-proof benchmark at toy size (a few steps): every phase runs, the grounding probe stops the
-    first-click phase once its target is met, the table and curves are written, and the baselines order as they must (oracle above a random object above the image centre is not guaranteed on
-    6 images, but the oracle is above both)."""
+    first-click phase once its target is met, the table and curves are written, and the baselines order as they
+    must (oracle above a random object above the image centre is not guaranteed on 6 images, but the oracle is above
+    both)."""
     module = learning_proof
     override = {
         "single_images": 12,
