@@ -365,6 +365,13 @@ def test_learning_proof_criteria(learning_proof):
     assert "gain +0.017" in line and "seed spread 0.024" in line and "+0.050, -0.030, +0.030" in line
 
 
+def test_learning_proof_training_rise_averages_the_first_and_last_steps(learning_proof):
+    rates = [0.0] * 10 + [0.5] * 5 + [1.0] * 10
+    curves = {0: [{"click_in_target": r} for r in rates], 3: [{"click_in_target": 0.25}] * 4}
+    line = learning_proof.training_rise(curves)
+    assert line.endswith(": 0.000 -> 1.000, 0.250 -> 0.250")
+
+
 def test_learning_proof_script_runs_end_to_end(tmp_path, learning_proof):
     """The learning-proof benchmark at toy size (a few steps): every phase runs, the grounding probe stops the
     first-click phase once its target is met, the table and curves are written, and the baselines order as they
@@ -401,9 +408,9 @@ def test_learning_proof_script_runs_end_to_end(tmp_path, learning_proof):
     assert list(checks) == ["SFT format-valid", "SFT IoU", "RL iou", "RL click_in_target"]
     sft, rl = results["results"]["SFT"][0], results["results"]["SFT+RL"][0]
     assert checks["RL iou"] == (rl["iou"] - sft["iou"] > 0.0)  # one seed: the spread is 0
-    assert (tmp_path / "reward_curves.png").stat().st_size > 1000 and "| SFT+RL |" in (
-        tmp_path / "table.md"
-    ).read_text()
+    table = (tmp_path / "table.md").read_text()
+    assert (tmp_path / "reward_curves.png").stat().st_size > 1000 and "| SFT+RL |" in table
+    assert "training episodes' click-in-target" in table
 
 
 def test_grounding_probe_script_runs(capsys, monkeypatch):
