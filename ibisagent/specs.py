@@ -1,0 +1,133 @@
+"""One spec per tool and per policy: the options that say which segmentation tool and which VLM policy to build.
+
+Every configuration that builds a tool or a policy embeds these dataclasses instead of re-declaring their fields:
+the `ibisagent` command (flags with dashes, `--tool-config`), `ibisagent-train` (trl's convention, underscores,
+`--tool_config`; `HfArgumentParser` also accepts dashes), the MONAI Label app (`--conf tool_config ...`) and the
+evaluation runner. The device is not part of a spec: a run has one device (the command's `--device`, the server's
+`--conf device`, the accelerator's device in training) and passes it to `build`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+from ibisagent.grammar import DIALECTS
+from ibisagent.tools import TOOLS, SegmentationTool, build_tool
+
+HISTORY_MODES = ("full", "current")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+class SpecError(ValueError):
+    """A spec field holds a bad value; the message names the field, the value and what is expected."""
+
+
+@dataclass
+class ToolSpec:
+    """Which segmentation tool: its name, weights and model config."""
+
+    tool: str = field(
+        default="classical", metadata={"help": f"segmentation tool: {', '.join(TOOLS)} (classical needs no weights)"}
+    )
+    checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "weights file of a model tool (e.g. MedSAM2_latest.pt); unset: random weights, tests only"},
+    )
+    tool_config: str | None = field(
+        default=None, metadata={"help": "model config: a SAM2.1 config name (sam2.1_hiera_t ...) or a SAM type (vit_b)"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.tool not in TOOLS:
+            raise SpecError(f"tool {self.tool!r} is unknown; choose one of: {', '.join(TOOLS)}")
+
+    def build(self, device: str = "cpu") -> SegmentationTool:
+        """The tool on `device` (a torch device string; ignored by the classical tool). Raises ToolError."""
+        return build_tool(self.tool, self.checkpoint, self.tool_config, device)
+
+
+@dataclass
+class PolicySpec:
+    """Which VLM policy and how it talks and decodes: checkpoint, grammar, context, precision, sampling."""
+
+    model: str | None = field(
+        default=None, metadata={"help": "Qwen2.5-VL-compatible checkpoint: a local folder or a Hub id"}
+    )
+    dialect: str = field(default="ibis", metadata={"help": f"action grammar: {', '.join(DIALECTS)}"})
+    history: str = field(default="full", metadata={"help": "model context: full (all turns) or current (this turn)"})
+    dtype: str = field(default="auto", metadata={"help": f"model dtype: {', '.join(DTYPES)}"})
+    template_dir: str | None = field(default=None, metadata={"help": "prompt templates folder (default: packaged)"})
+    min_pixels: int | None = field(default=None, metadata={"help": "image processor pixel budget, lower bound"})
+    max_pixels: int | None = field(default=None, metadata={"help": "image processor pixel budget, upper bound"})
+    max_new_tokens: int = field(default=512, metadata={"help": "tokens the model may write per step"})
+    sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling: keep this probability mass"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+
+    def __post_init__(self) -> None:
+        if self.dialect not in DIALECTS:
+            raise SpecError(f"dialect {self.dialect!r} is unknown; choose one of: {', '.join(DIALECTS)}")
+        if self.history not in HISTORY_MODES:
+            raise SpecError(f"history {self.history!r} is unknown; choose one of: {', '.join(HISTORY_MODES)}")
+        if self.dtype not in DTYPES:
+            raise SpecError(f"dtype {self.dtype!r} is unknown; choose one of: {', '.join(DTYPES)}")
+        if self.max_new_tokens < 1:
+            raise SpecError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not self.temperature > 0:
+            raise SpecError(f"temperature must be positive, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise SpecError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("min_pixels", "max_pixels"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise SpecError(f"{name} must be a positive number of pixels or unset, got {value}")
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments of `HFVLMPolicy` (constructor and `from_pretrained`) other than model and device."""
+        return {
+            "dialect": self.dialect,
+            "history": self.history,
+            "template_dir": self.template_dir,
+            "min_pixels": self.min_pixels,
+            "max_pixels": self.max_pixels,
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": self.sample,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+        }
+
+    def build(self, device: str = "cpu"):
+        """Load `model` as an `HFVLMPolicy` on `device` (imports torch and transformers)."""
+        if not self.model:
+            raise SpecError("model is unset; give a Qwen2.5-VL-compatible checkpoint folder or Hub id")
+        from ibisagent.policies.hf_vlm import HFVLMPolicy
+
+        return HFVLMPolicy.from_pretrained(self.model, device=device, dtype=self.dtype, **self.options())
+
+
+# -- command lines ----------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser | Any, spec: type, title: str | None = None) -> None:
+    """Add one flag per field of the dataclass `spec` to an argparse parser (or group), dashes in names
+    (`tool_config` -> `--tool-config`), defaults and help from the fields; booleans become store_true flags."""
+    group = parser.add_argument_group(title) if title and hasattr(parser, "add_argument_group") else parser
+    hints = typing.get_type_hints(spec)
+    for f in fields(spec):
+        flag = "--" + f.name.replace("_", "-")
+        default = None if f.default is MISSING else f.default
+        help_text = f.metadata.get("help", "")
+        if hints[f.name] is bool:
+            group.add_argument(flag, dest=f.name, action="store_true", default=default, help=help_text)
+            continue
+        base = next((t for t in (int, float, str) if hints[f.name] is t or t in typing.get_args(hints[f.name])), str)
+        group.add_argument(flag, dest=f.name, type=base, default=default, help=help_text)
+
+
+def from_namespace(spec: type, namespace: argparse.Namespace | dict[str, Any]):
+    """The dataclass `spec` from the parsed flags of `add_arguments` (other attributes are ignored)."""
+    values = vars(namespace) if isinstance(namespace, argparse.Namespace) else dict(namespace)
+    return spec(**{f.name: values[f.name] for f in fields(spec) if f.name in values})
