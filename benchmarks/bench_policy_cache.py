@@ -86,7 +86,7 @@ def _load_policy(args):
     else:
         import torch
 
-        from ibisagent.policies.tiny_qwen import build_tiny_qwen2_5_vl
+        from ibisagent.testing import build_tiny_qwen2_5_vl
 
         sizes = json.loads(args.tiny) if args.tiny else {}
         model, processor = build_tiny_qwen2_5_vl(**sizes)

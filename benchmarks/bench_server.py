@@ -113,7 +113,7 @@ def main() -> None:
         shutil.copyfile(DEMO / f"{IMAGE}.png", tmp / "studies" / f"{IMAGE}.png")
         model = args.model
         if model is None:
-            from ibisagent.policies.tiny_qwen import build_tiny_qwen2_5_vl
+            from ibisagent.testing import build_tiny_qwen2_5_vl
 
             model = str(tmp / "tiny-vlm")
             build_tiny_qwen2_5_vl(model)

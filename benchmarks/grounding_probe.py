@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     from ibisagent.grammar import ActionParseError, Grammar
-    from ibisagent.policies.tiny_qwen import build_tiny_qwen2_5_vl
     from ibisagent.simulator import next_click
+    from ibisagent.testing import build_tiny_qwen2_5_vl
     from ibisagent_training.synthetic import generate_image
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

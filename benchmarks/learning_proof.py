@@ -237,7 +237,7 @@ def evaluate_policy(policy, cases: list[dict], max_steps: int) -> dict:
     """Greedy episodes through the agent loop with the classical tool; per-case metrics averaged."""
     from ibisagent.episode import Episode
     from ibisagent.loop import run_episode
-    from ibisagent.metrics import dice, iou
+    from ibisagent.metrics import click_in_target, dice, iou
     from ibisagent.tools.classical import ClassicalTool
 
     tool = ClassicalTool()
@@ -251,7 +251,7 @@ def evaluate_policy(policy, cases: list[dict], max_steps: int) -> dict:
         rows.append(
             {
                 "format_valid": float(np.mean([s.error is None for s in traj.steps])) if traj.steps else 0.0,
-                "click_in_target": float(first is not None and first.positive and _inside(first, case["gt"])),
+                "click_in_target": float(first is not None and first.positive and click_in_target(first, case["gt"])),
                 "iou": iou(final, case["gt"]),
                 "dice": dice(final, case["gt"]),
                 "steps": float(len(traj.steps)),
@@ -268,7 +268,7 @@ def evaluate_baseline(name: str, cases: list[dict], seed: int, max_steps: int) -
     randomly chosen object of the image; oracle: the simulator's clicks until IoU 0.9 or max_steps."""
     from ibisagent.episode import Episode
     from ibisagent.loop import run_episode
-    from ibisagent.metrics import dice, iou
+    from ibisagent.metrics import click_in_target, dice, iou
     from ibisagent.policies.oracle import OraclePolicy
     from ibisagent.simulator import next_click
     from ibisagent.tools.classical import ClassicalTool
@@ -297,18 +297,13 @@ def evaluate_baseline(name: str, cases: list[dict], seed: int, max_steps: int) -
         rows.append(
             {
                 "format_valid": 1.0,
-                "click_in_target": float(_inside(first, gt)),
+                "click_in_target": float(click_in_target(first, gt)),
                 "iou": iou(final, gt),
                 "dice": dice(final, gt),
                 "steps": float(steps),
             }
         )
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-
-
-def _inside(click, gt: np.ndarray) -> bool:
-    r, c = click.pixel(*gt.shape)
-    return bool(gt[r, c])
 
 
 # -- training ------------------------------------------------------------------------------------------------------------
@@ -536,7 +531,7 @@ def plot_curves(curves: dict, path: Path) -> None:
 def run_seed(seed: int, plan: Plan, out: Path, data: dict, cases: list[dict], step_mode: bool) -> dict:
     """One seed: build, evaluate untrained, SFT, evaluate, GRPO, evaluate, baselines; optionally a short step-mode run
     for its steps/s. Writes and returns seed<k>/results.json ({"results": {row: metrics}, "timing": {...}})."""
-    from ibisagent.policies.tiny_qwen import build_tiny_qwen2_5_vl
+    from ibisagent.testing import build_tiny_qwen2_5_vl
 
     t0 = time.perf_counter()
     root = out / f"seed{seed}"

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ibisagent.episode import Episode
-from ibisagent.evaluation.benchmarks import CT_WINDOWS, FORMATS, JSON_SCHEMA, BenchmarkError
+from ibisagent.evaluation.cases import CT_WINDOWS, FORMATS, JSON_SCHEMA, BenchmarkError
 from ibisagent.grammar import DIALECTS, ActionParseError, target_from_instruction
 from ibisagent.io import ImageReadError, read_image, read_mask, write_image, write_mask
 from ibisagent.loop import run_episode

@@ -67,3 +67,9 @@ def iou_at(iou_curve: Sequence[float], k: int) -> float:
     if not iou_curve:
         return 0.0
     return float(iou_curve[min(k, len(iou_curve)) - 1])
+
+
+def click_in_target(click, gt: np.ndarray) -> bool:
+    """True when `click` (a `Click`, (x, y) pixels) lies on a foreground pixel of `gt` (HxW bool)."""
+    r, c = click.pixel(*gt.shape)
+    return bool(gt[r, c])

@@ -363,7 +363,7 @@ def test_agent_failures_are_counted(tmp_path):
     pytest.importorskip("transformers")
     import torch
 
-    from ibisagent.policies.tiny_qwen import build_tiny_qwen2_5_vl
+    from ibisagent.testing import build_tiny_qwen2_5_vl
 
     torch.set_num_threads(1)
     build_tiny_qwen2_5_vl(tmp_path / "tiny", seed=0)

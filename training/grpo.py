@@ -953,7 +953,7 @@ def _tool_factory(args: GRPOArguments) -> Callable[[], Any]:
 def _step_metrics(rollouts: list[Rollout], args: GRPOArguments) -> dict:
     """Per-step means: each reward component (over the rollouts where it applies), total reward and its spread,
     IoU and Dice of segmentation rollouts, episode length, click-in-target rate, VQA accuracy, images seen."""
-    from ibisagent.metrics import dice
+    from ibisagent.metrics import click_in_target, dice
     from ibisagent_training.rewards import COMPONENTS
 
     out: dict[str, float] = {}
@@ -968,7 +968,7 @@ def _step_metrics(rollouts: list[Rollout], args: GRPOArguments) -> dict:
         finals = [r.trajectory.final_masks.get(r.row.target, np.zeros(r.row.gt.shape, bool)) for r in seg]
         out["dice"] = float(np.mean([dice(m, r.row.gt) for m, r in zip(finals, seg)]))
         hits = [
-            _in_target(c, r.row.gt)
+            click_in_target(c, r.row.gt)
             for r in seg
             for s in r.trajectory.steps
             if s.action
@@ -985,11 +985,6 @@ def _step_metrics(rollouts: list[Rollout], args: GRPOArguments) -> dict:
     out["format_valid"] = float(np.mean([s.error is None for r in rollouts for s in r.trajectory.steps] or [0.0]))
     out["observations"] = float(sum(r.num_observations for r in rollouts))
     return out
-
-
-def _in_target(click, gt: np.ndarray) -> bool:
-    r, c = click.pixel(*gt.shape)
-    return bool(gt[r, c])
 
 
 def _format_metrics(m: dict) -> str:

@@ -1,7 +1,7 @@
 """Evaluation: benchmark readers (`benchmarks`), the runner of the agent and its baselines (`runner`) and the
 reports (`report`: tables, plots, one self-contained HTML page). The `ibisagent eval` command drives all three."""
 
-from ibisagent.evaluation.benchmarks import JSON_SCHEMA, BenchmarkError, Case, load_benchmark
+from ibisagent.evaluation.cases import JSON_SCHEMA, BenchmarkError, Case, load_benchmark
 from ibisagent.evaluation.report import summarize, write_report
 from ibisagent.evaluation.runner import (
     BASELINES,

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ibisagent.evaluation.benchmarks import Case
+from ibisagent.evaluation.cases import Case
 from ibisagent.evaluation.runner import FAILURES, K_CLICKS
 from ibisagent.metrics import iou_at
 from ibisagent.render import MASK_ALPHA, MASK_COLOR, overlay

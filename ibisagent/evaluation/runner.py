@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ibisagent.episode import Episode
-from ibisagent.evaluation.benchmarks import BenchmarkError, Case
+from ibisagent.evaluation.cases import BenchmarkError, Case
 from ibisagent.grammar import Grammar
 from ibisagent.io import write_mask
 from ibisagent.loop import run_episode

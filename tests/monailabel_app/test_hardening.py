@@ -62,7 +62,7 @@ def env(tmp_path_factory):
     for name in (*CANARIES, "linked_target.png"):
         (tmp / name).write_bytes(heart)
     (studies / "linked.png").symlink_to(tmp / "linked_target.png")  # may be read, never written
-    from ibisagent.policies.tiny_qwen import build_tiny_qwen2_5_vl
+    from ibisagent.testing import build_tiny_qwen2_5_vl
 
     build_tiny_qwen2_5_vl(tmp / "tiny-vlm")
     conf = {"model": str(tmp / "tiny-vlm"), "tool": TOOL, "max_new_tokens": "24", "max_sessions": "64"}

@@ -166,7 +166,7 @@ def setup(tmp_path_factory):
         "magic": _Server("magic", tmp / "studies-magic", tmp, {"tool": "magic"}),
     }
     try:
-        from ibisagent.policies.tiny_qwen import build_tiny_qwen2_5_vl
+        from ibisagent.testing import build_tiny_qwen2_5_vl
 
         build_tiny_qwen2_5_vl(tmp / "tiny-vlm")
         servers["agent"] = _Server(

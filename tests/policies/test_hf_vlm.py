@@ -23,7 +23,7 @@ from ibisagent.episode import Episode  # noqa: E402
 from ibisagent.loop import run_episode  # noqa: E402
 from ibisagent.policies.base import Observation, Policy  # noqa: E402
 from ibisagent.policies.hf_vlm import TEMPLATE_DIR, HFVLMPolicy, PromptTemplates  # noqa: E402
-from ibisagent.policies.tiny_qwen import (  # noqa: E402
+from ibisagent.testing import (  # noqa: E402
     _QWEN2_5_VL_CHAT_TEMPLATE,
     GRAMMAR_TOKENS,
     build_tiny_qwen2_5_vl,

@@ -41,7 +41,7 @@ SHORT_TEMPLATES = {
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from ibisagent.policies.tiny_qwen import build_tiny_qwen2_5_vl
+    from ibisagent.testing import build_tiny_qwen2_5_vl
 
     root = tmp_path_factory.mktemp("grpo")
     write_synthetic_dataset(root / "shapes", 6, seed=0, size=112, objects=(1, 2), appearances=("bright", "dark"))

@@ -31,7 +31,7 @@ def trajectories(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from ibisagent.policies.tiny_qwen import build_tiny_qwen2_5_vl
+    from ibisagent.testing import build_tiny_qwen2_5_vl
 
     out = tmp_path_factory.mktemp("tiny")
     model, processor = build_tiny_qwen2_5_vl(out, max_pixels=112 * 112)
