@@ -2,7 +2,7 @@
 
 The one rule, for every module that reads, writes or clicks in volume slices (the readers in `ibisagent.io`, the
 MONAI Label task, and, as a documented mirror because it cannot import this package, the Slicer library
-`IBISAgentLib.geometry`; `tests/slicer_module/test_geometry.py` checks that both agree):
+`IBISAgentLib.geometry`; `tests/test_geometry.py` checks that both agree):
 
 - A volume array is indexed a[i, j, k] (nibabel's `dataobj` order). A slice along `axis` at index s drops that
   axis; the remaining two indices keep their order, the first becomes the column x, the second the row y:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ibisagent.geometry import take_slice
 from ibisagent.tools.base import as_rgb_uint8
 
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -47,8 +48,8 @@ def window(array: np.ndarray, lo: float | None = None, hi: float | None = None) 
 def read_volume_slice(path: str | Path, slice_index: int | None = None, axis: int = 2) -> np.ndarray:
     """One 2D slice of a NIfTI volume as a float32 HxW array.
 
-    The volume's voxel array is indexed (i, j, k); axis 2 gives axial slices for RAS-like volumes. The slice is
-    transposed so that rows follow j and columns follow i, which is how viewers display an (i, j) plane.
+    The volume's voxel array is indexed (i, j, k); axis 2 gives axial slices for RAS-like volumes. Pixels follow
+    `ibisagent.geometry` (axis 2: rows follow j, columns i, as viewers display an (i, j) plane).
     slice_index None picks the middle slice.
     """
     import nibabel as nib
@@ -70,7 +71,7 @@ def read_volume_slice(path: str | Path, slice_index: int | None = None, axis: in
     index = n // 2 if slice_index is None else slice_index
     if not 0 <= index < n:
         raise ImageReadError(f"{path}: slice {index} is out of range; axis {axis} has slices 0..{n - 1}")
-    return np.take(vol, index, axis=axis).T.astype(np.float32)
+    return take_slice(vol, index, axis).astype(np.float32)
 
 
 def _read_dicom(path: Path) -> np.ndarray:

@@ -8,7 +8,7 @@ a bad configuration stops the server with one message instead of failing on the 
 
 from ibisagent._compat import ensure_torchvision
 
-ensure_torchvision()  # before anything imports torchvision (ENVIRONMENT.md: CPU-only torch)
+ensure_torchvision()  # before anything imports torchvision (a CPU-only torch: see ibisagent._compat)
 
 # ruff: noqa: E402 - the fallback above must run before these imports
 import errno

@@ -1,4 +1,4 @@
-"""The Slicer module's dependency rules (STYLE.md): IBISAgentLib imports only the standard library and numpy, and
+"""The Slicer module's dependency rules (README, Layout): IBISAgentLib imports only the standard library and numpy, and
 nothing of ours; IBISAgent.py adds only what Slicer's Python provides. Checked statically (ast) and by importing
 the library in a fresh interpreter whose only third-party package is numpy."""
 

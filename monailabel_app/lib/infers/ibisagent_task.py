@@ -4,7 +4,7 @@ monailabel_app/README.md; the Slicer module depends on it.
 
 Coordinates: a 2-number point is (x, y) pixels of the 2D slice (x = column, y = row); a 3-number point is a voxel
 (i, j, k) of the volume, and the slice image of axis a keeps the two other indices in order as (x, y)
-(`ibisagent.io.read_volume_slice`: for axis 2, voxel (i, j, k) is pixel x = i, y = j).
+(`ibisagent.geometry`: for axis 2, voxel (i, j, k) is pixel x = i, y = j).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from ibisagent.episode import Episode, EpisodeState
+from ibisagent.geometry import put_slice, slice_shape, take_slice, voxel_to_pixel
 from ibisagent.grammar import target_from_instruction
 from ibisagent.io import NIFTI_SUFFIXES, RASTER_SUFFIXES, ImageReadError, read_image
 from ibisagent.loop import run_episode
@@ -365,14 +366,13 @@ def _to_pixel(
 ) -> tuple[float, float]:
     """A request point -> (x, y) pixels of the slice; 3-number points must lie in the request's slice."""
     if len(point) == 3:
-        k = int(math.floor(point[axis]))
+        k, x, y = voxel_to_pixel(point, axis)
         if k != (slice_index or 0):
             raise RequestError(
                 400,
                 f"{where} = {_show(point)} lies in slice {k} of axis {axis}, but the request is for slice "
                 f"{slice_index or 0}; send only points of that slice",
             )
-        x, y = (point[i] for i in range(3) if i != axis)
     else:
         x, y = point
     height, width = shape
@@ -476,7 +476,7 @@ class _Source:
         axis = 2 if axis is None else axis
         n = self.shape[axis]
         if slice_index is None:
-            ks = {int(math.floor(p[axis])) for p in points3d} or ({0} if n == 1 else set())
+            ks = {voxel_to_pixel(p, axis)[0] for p in points3d} or ({0} if n == 1 else set())
             if len(ks) != 1:
                 detail = "its points lie in several slices" if ks else "it has no [i, j, k] points"
                 raise RequestError(
@@ -497,8 +497,7 @@ class _Source:
         """(H, W) of the 2D image a request works on."""
         if self.kind == "2d":
             return self.shape[0], self.shape[1]
-        first, second = (self.shape[i] for i in range(3) if i != axis)
-        return second, first  # rows follow the second remaining voxel index, columns the first
+        return slice_shape(self.shape, axis)
 
 
 def _read_label(path: str, source: _Source, slice_index: int | None, axis: int, shape: tuple[int, int]) -> np.ndarray:
@@ -533,7 +532,7 @@ def _read_label(path: str, source: _Source, slice_index: int | None, axis: int, 
                         f"the label upload has shape {list(arr.shape)} but image {source.image_id!r} has shape "
                         f"{list(source.shape)}; send a label volume of the image's shape",
                     )
-                return np.take(arr, slice_index, axis=axis).T > 0
+                return take_slice(arr, slice_index, axis) > 0
             if arr.ndim == 3 and arr.shape[2] == 1:  # Slicer stores a 2D labelmap as one slice
                 arr = arr[..., 0]
             if arr.shape != (width, height):
@@ -567,9 +566,7 @@ def _write_label(mask: np.ndarray, session: Session) -> str:
     ref = nib.load(source.path)
     if source.kind == "volume":
         data = np.zeros(source.shape, np.uint8)
-        index = [slice(None)] * 3
-        index[key.axis] = key.slice
-        data[tuple(index)] = mask.T
+        put_slice(data, key.slice, key.axis, mask)
     else:
         data = np.ascontiguousarray(mask.T)
     header = ref.header.copy()

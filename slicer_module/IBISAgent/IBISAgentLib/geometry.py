@@ -1,4 +1,6 @@
 """Coordinate conversions between Slicer's RAS, a volume's voxel IJK, and the 2D slice pixels of the IBISAgent core.
+The voxel <-> slice pixel rule mirrors the core's `ibisagent/geometry.py` (this library cannot import it);
+`tests/test_geometry.py` checks that both agree.
 
 Written down once here; the Slicer module converts only through these functions.
 
