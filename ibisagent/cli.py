@@ -14,12 +14,13 @@ import numpy as np
 
 from ibisagent.episode import Episode
 from ibisagent.evaluation.cases import CT_WINDOWS, FORMATS, JSON_SCHEMA, BenchmarkError
-from ibisagent.grammar import DIALECTS, ActionParseError, target_from_instruction
+from ibisagent.grammar import ActionParseError, target_from_instruction
 from ibisagent.io import ImageReadError, read_image, read_mask, write_image, write_mask
 from ibisagent.loop import run_episode
 from ibisagent.metrics import dice, iou, noc
 from ibisagent.render import overlay
-from ibisagent.tools import TOOLS, ToolError, build_tool
+from ibisagent.specs import PolicySpec, SpecError, ToolSpec, add_arguments, from_namespace
+from ibisagent.tools import ToolError
 
 
 class UsageError(ValueError):
@@ -28,44 +29,22 @@ class UsageError(ValueError):
 
 def _add_tool_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("segmentation tool")
-    g.add_argument(
-        "--tool", default="classical", choices=TOOLS, help="segmentation tool (default: classical, needs no weights)"
-    )
-    g.add_argument(
-        "--checkpoint",
-        help="weights file of a model tool (e.g. MedSAM2_latest.pt); omitted: random weights, tests only",
-    )
-    g.add_argument(
-        "--tool-config", help="model config: a SAM2.1 config name (sam2.1_hiera_t ...) or a SAM type (vit_b ...)"
-    )
+    add_arguments(g, ToolSpec)
     g.add_argument("--device", default="cpu", help="torch device for model tools and the VLM (cpu, cuda, cuda:1)")
 
 
 def _add_vlm_args(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--dialect", choices=DIALECTS, default="ibis", help="action grammar: ibis (paper) or released")
-    g.add_argument(
-        "--history", choices=("full", "current"), default="full", help="VLM context: all turns or the current one"
-    )
-    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--max-new-tokens", type=int, default=512, help="VLM tokens per turn at most (default 512)")
+    add_arguments(g, PolicySpec)
 
 
 def _vlm_policy(args: argparse.Namespace):
-    """The Hugging Face VLM policy of --model and the options of `_add_vlm_args`."""
-    from ibisagent.policies.hf_vlm import HFVLMPolicy
+    """The Hugging Face VLM policy of the `PolicySpec` flags, on --device."""
+    return from_namespace(PolicySpec, args).build(args.device)
 
-    return HFVLMPolicy.from_pretrained(
-        args.model,
-        dialect=args.dialect,
-        history=args.history,
-        do_sample=args.sample,
-        temperature=args.temperature,
-        seed=args.seed,
-        max_new_tokens=args.max_new_tokens,
-        device=args.device,
-    )
+
+def _tool(args: argparse.Namespace):
+    """The segmentation tool of the `ToolSpec` flags, on --device."""
+    return from_namespace(ToolSpec, args).build(args.device)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -82,7 +61,6 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     seg.add_argument("--initial-mask", help="mask to refine (PNG or NIfTI of the image's size)")
     pol = seg.add_argument_group("policy (one of --model, --gt-mask, --replay)")
-    pol.add_argument("--model", help="Qwen2.5-VL-compatible checkpoint: local folder or hub id")
     pol.add_argument("--gt-mask", help="ground-truth mask: run the oracle policy (upper bound; also scores each step)")
     pol.add_argument("--replay", help="trajectory JSON to play back")
     _add_vlm_args(pol)
@@ -115,7 +93,6 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--format", default="auto", choices=FORMATS, help="benchmark kind (default: from the path)")
     ev.add_argument("--out", required=True, help="output folder (results.csv, summary.md, report.html, ...)")
-    ev.add_argument("--model", help="the agent: a Qwen2.5-VL-compatible checkpoint, local folder or hub id")
     ev.add_argument(
         "--baselines",
         default="",
@@ -178,7 +155,7 @@ def _segment(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise UsageError(f"--replay {path}: no such file")
         policy = ReplayPolicy.from_trajectory(Trajectory.from_json(path))
-    tool = build_tool(args.tool, args.checkpoint, args.tool_config, args.device)
+    tool = _tool(args)
     t0 = time.perf_counter()
     episode = Episode(tool, image, [target], initial_masks=initial, max_steps=args.max_steps)
     encode_s = time.perf_counter() - t0
@@ -229,7 +206,7 @@ def _oracle(args: argparse.Namespace) -> int:
     samples = list_biomedparse(args.folder)[: args.limit]
     if not samples:
         raise UsageError(f"{args.folder}: no image/mask pairs found")
-    tool = build_tool(args.tool, args.checkpoint, args.tool_config, args.device)
+    tool = _tool(args)
     rows, encoded = [], None
     for s in tqdm(samples, desc="oracle", unit="mask", file=sys.stderr):
         if encoded != s.image:
@@ -303,7 +280,7 @@ def _eval(args: argparse.Namespace) -> int:
     methods = baseline_methods(baselines, args.max_steps, args.oracle_stop_iou)  # checks the names before loading
     if args.model:
         methods.insert(0, agent_method(_vlm_policy(args), args.max_steps, f"{args.model} ({args.dialect} dialect)"))
-    tool = build_tool(args.tool, args.checkpoint, args.tool_config, args.device)
+    tool = _tool(args)
     settings = {
         k: getattr(args, k)
         for k in ("max_side", "slices", "window", "label_value", "image_root", "labels", "oracle_stop_iou", "model")
@@ -368,7 +345,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         return {"segment": _segment, "oracle": _oracle, "eval": _eval}[args.command](args)
-    except (UsageError, BenchmarkError, ImageReadError, ToolError, ActionParseError, FileNotFoundError) as exc:
+    except (
+        UsageError,
+        SpecError,
+        BenchmarkError,
+        ImageReadError,
+        ToolError,
+        ActionParseError,
+        FileNotFoundError,
+    ) as exc:
         print(f"ibisagent: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

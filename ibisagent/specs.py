@@ -22,7 +22,12 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 class SpecError(ValueError):
-    """A spec field holds a bad value; the message names the field, the value and what is expected."""
+    """A spec field holds a bad value; the message names the field, the value and what is expected (also kept as
+    attributes, so that a command can name its own flag or key)."""
+
+    def __init__(self, name: str, value: Any, expected: str):
+        super().__init__(f"{name} {value!r} is invalid: expected {expected}")
+        self.name, self.value, self.expected = name, value, expected
 
 
 @dataclass
@@ -30,7 +35,8 @@ class ToolSpec:
     """Which segmentation tool: its name, weights and model config."""
 
     tool: str = field(
-        default="classical", metadata={"help": f"segmentation tool: {', '.join(TOOLS)} (classical needs no weights)"}
+        default="classical",
+        metadata={"help": "segmentation tool (default: classical, needs no weights)", "choices": TOOLS},
     )
     checkpoint: str | None = field(
         default=None,
@@ -42,7 +48,7 @@ class ToolSpec:
 
     def __post_init__(self) -> None:
         if self.tool not in TOOLS:
-            raise SpecError(f"tool {self.tool!r} is unknown; choose one of: {', '.join(TOOLS)}")
+            raise SpecError("tool", self.tool, f"one of {', '.join(TOOLS)}")
 
     def build(self, device: str = "cpu") -> SegmentationTool:
         """The tool on `device` (a torch device string; ignored by the classical tool). Raises ToolError."""
@@ -56,9 +62,13 @@ class PolicySpec:
     model: str | None = field(
         default=None, metadata={"help": "Qwen2.5-VL-compatible checkpoint: a local folder or a Hub id"}
     )
-    dialect: str = field(default="ibis", metadata={"help": f"action grammar: {', '.join(DIALECTS)}"})
-    history: str = field(default="full", metadata={"help": "model context: full (all turns) or current (this turn)"})
-    dtype: str = field(default="auto", metadata={"help": f"model dtype: {', '.join(DTYPES)}"})
+    dialect: str = field(
+        default="ibis", metadata={"help": "action grammar: ibis (paper) or released", "choices": DIALECTS}
+    )
+    history: str = field(
+        default="full", metadata={"help": "model context: full (all turns) or current", "choices": HISTORY_MODES}
+    )
+    dtype: str = field(default="auto", metadata={"help": "model dtype (auto: the checkpoint's)", "choices": DTYPES})
     template_dir: str | None = field(default=None, metadata={"help": "prompt templates folder (default: packaged)"})
     min_pixels: int | None = field(default=None, metadata={"help": "image processor pixel budget, lower bound"})
     max_pixels: int | None = field(default=None, metadata={"help": "image processor pixel budget, upper bound"})
@@ -69,22 +79,19 @@ class PolicySpec:
     seed: int = field(default=0, metadata={"help": "sampling seed"})
 
     def __post_init__(self) -> None:
-        if self.dialect not in DIALECTS:
-            raise SpecError(f"dialect {self.dialect!r} is unknown; choose one of: {', '.join(DIALECTS)}")
-        if self.history not in HISTORY_MODES:
-            raise SpecError(f"history {self.history!r} is unknown; choose one of: {', '.join(HISTORY_MODES)}")
-        if self.dtype not in DTYPES:
-            raise SpecError(f"dtype {self.dtype!r} is unknown; choose one of: {', '.join(DTYPES)}")
+        for name, allowed in (("dialect", DIALECTS), ("history", HISTORY_MODES), ("dtype", DTYPES)):
+            if getattr(self, name) not in allowed:
+                raise SpecError(name, getattr(self, name), f"one of {', '.join(allowed)}")
         if self.max_new_tokens < 1:
-            raise SpecError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+            raise SpecError("max_new_tokens", self.max_new_tokens, "an integer of at least 1")
         if not self.temperature > 0:
-            raise SpecError(f"temperature must be positive, got {self.temperature}")
+            raise SpecError("temperature", self.temperature, "a positive number")
         if not 0 < self.top_p <= 1:
-            raise SpecError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise SpecError("top_p", self.top_p, "a number in (0, 1]")
         for name in ("min_pixels", "max_pixels"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise SpecError(f"{name} must be a positive number of pixels or unset, got {value}")
+                raise SpecError(name, value, "a positive number of pixels, or unset")
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments of `HFVLMPolicy` (constructor and `from_pretrained`) other than model and device."""
@@ -104,7 +111,7 @@ class PolicySpec:
     def build(self, device: str = "cpu"):
         """Load `model` as an `HFVLMPolicy` on `device` (imports torch and transformers)."""
         if not self.model:
-            raise SpecError("model is unset; give a Qwen2.5-VL-compatible checkpoint folder or Hub id")
+            raise SpecError("model", self.model, "a Qwen2.5-VL-compatible checkpoint folder or Hub id")
         from ibisagent.policies.hf_vlm import HFVLMPolicy
 
         return HFVLMPolicy.from_pretrained(self.model, device=device, dtype=self.dtype, **self.options())
@@ -113,7 +120,7 @@ class PolicySpec:
 # -- command lines ----------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser | Any, spec: type, title: str | None = None) -> None:
     """Add one flag per field of the dataclass `spec` to an argparse parser (or group), dashes in names
-    (`tool_config` -> `--tool-config`), defaults and help from the fields; booleans become store_true flags."""
+    (`tool_config` -> `--tool-config`), defaults, help and choices from the fields; booleans become store_true flags."""
     group = parser.add_argument_group(title) if title and hasattr(parser, "add_argument_group") else parser
     hints = typing.get_type_hints(spec)
     for f in fields(spec):
@@ -124,7 +131,9 @@ def add_arguments(parser: argparse.ArgumentParser | Any, spec: type, title: str 
             group.add_argument(flag, dest=f.name, action="store_true", default=default, help=help_text)
             continue
         base = next((t for t in (int, float, str) if hints[f.name] is t or t in typing.get_args(hints[f.name])), str)
-        group.add_argument(flag, dest=f.name, type=base, default=default, help=help_text)
+        group.add_argument(
+            flag, dest=f.name, type=base, default=default, choices=f.metadata.get("choices"), help=help_text
+        )
 
 
 def from_namespace(spec: type, namespace: argparse.Namespace | dict[str, Any]):

@@ -26,8 +26,6 @@ from lib.errors import ConfigError, RequestError
 from lib.infers.ibisagent_task import IMAGE_ID_KEY, IBISAgentTask
 from monailabel.interfaces.app import MONAILabelApp
 
-from ibisagent.tools import build_tool
-
 logger = logging.getLogger(__name__)
 
 TASK = "ibisagent"
@@ -66,7 +64,7 @@ class IBISAgentApp(MONAILabelApp):
             if c.device.startswith("cuda") and not torch.cuda.is_available():
                 raise ConfigError(f"--conf device {c.device!r}: CUDA is not available on this machine; use cpu")
         try:
-            return build_tool(c.tool, c.checkpoint, c.tool_config, c.device)
+            return c.tool_spec.build(c.device)
         except Exception as exc:  # ToolError, ImportError of an optional package, a bad checkpoint
             raise ConfigError(f"--conf tool {c.tool!r} could not be built: {type(exc).__name__}: {exc}") from exc
 
@@ -79,21 +77,12 @@ class IBISAgentApp(MONAILabelApp):
         from ibisagent.policies.hf_vlm import HFVLMPolicy
 
         try:
-            base = HFVLMPolicy.from_pretrained(
-                c.model,
-                dialect=c.dialect,
-                history=c.history,
-                max_new_tokens=c.max_new_tokens,
-                device=c.device,
-                dtype=c.dtype,
-            )
+            base = c.policy_spec.build(c.device)
         except Exception as exc:  # a missing folder, an incompatible checkpoint, no network for a Hub id
             raise ConfigError(f"--conf model {c.model!r} could not be loaded: {type(exc).__name__}: {exc}") from exc
 
         def new_policy():
-            return HFVLMPolicy(
-                base.model, base.processor, dialect=c.dialect, history=c.history, max_new_tokens=c.max_new_tokens
-            )
+            return HFVLMPolicy(base.model, base.processor, **c.policy_spec.options())
 
         return new_policy
 
@@ -114,7 +103,7 @@ class IBISAgentApp(MONAILabelApp):
         return {
             TASK: IBISAgentTask(
                 tool=self._tool,
-                tool_factory=lambda: build_tool(c.tool, c.checkpoint, c.tool_config, c.device),
+                tool_factory=lambda: c.tool_spec.build(c.device),
                 policy_factory=self._policy_factory,
                 dialect=c.dialect,
                 max_steps=c.max_steps,

@@ -308,7 +308,7 @@ def generate(
     (written, skipped_existing, problems, seconds split into io/tool/simulator)."""
     from tqdm import tqdm
 
-    from ibisagent.tools import build_tool
+    from ibisagent.specs import ToolSpec
     from ibisagent_training.data import BiomedParseDataset
 
     out_dir = Path(out_dir)
@@ -332,7 +332,7 @@ def generate(
         if any((dataset.entries[i]["id"], v) not in done for v in _variants_for(dataset.entries[i]["id"], config))
     ]
 
-    tool = build_tool(config.tool, config.checkpoint, config.config, config.device)
+    tool = ToolSpec(config.tool, config.checkpoint, config.config).build(config.device)
     writer, problems = _Appender(data_path), _Appender(problems_path)
     timer, written, encoded = _Timer(), 0, None
     try:

@@ -48,6 +48,7 @@ from ibisagent.episode import Episode
 from ibisagent.loop import run_episode
 from ibisagent.policies.base import Observation
 from ibisagent.policies.hf_vlm import PromptTemplates, generation_kwargs, pixel_budget, turn_messages
+from ibisagent.specs import ToolSpec
 from ibisagent.trajectory import Trajectory
 from ibisagent.types import Action
 
@@ -670,8 +671,8 @@ class GRPOTrainer:
     """Rollouts, rewards, advantages and updates, with checkpoints and per-step metrics (`output_dir/metrics.jsonl`).
 
     rows: the prompts (`SegmentationRows`, `StepRows`, or any sequence of `Row`); vqa_rows: VQA prompts mixed in at
-    `args.vqa_fraction`. model/processor default to `args.model_name_or_path`; tool_factory to
-    `ibisagent.tools.build_tool(args.tool, ...)`. `on_step(step, metrics)` is called after each step.
+    `args.vqa_fraction`. model/processor default to `args.model_name_or_path`; tool_factory to the `ToolSpec` of
+    `args.tool`, built on this process's device. `on_step(step, metrics)` is called after each step.
     """
 
     def __init__(
@@ -714,7 +715,7 @@ class GRPOTrainer:
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.templates = PromptTemplates.load(args.dialect, args.template_dir)
-        factory = tool_factory or _tool_factory(args)
+        factory = tool_factory or _tool_factory(args, str(self.accelerator.device))
         self.tools = [factory() for _ in range(args.prompts_per_step)]  # built once, one per prompt of a step
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -944,10 +945,10 @@ def _load(source: str):
     return model, AutoProcessor.from_pretrained(source)
 
 
-def _tool_factory(args: GRPOArguments) -> Callable[[], Any]:
-    from ibisagent.tools import build_tool
-
-    return lambda: build_tool(args.tool, args.tool_checkpoint, args.tool_config)
+def _tool_factory(args: GRPOArguments, device: str) -> Callable[[], Any]:
+    """Builds the rollout tool on this process's device (a model tool on CPU would serialise GPU training)."""
+    spec = ToolSpec(args.tool, args.tool_checkpoint, args.tool_config)
+    return lambda: spec.build(device)
 
 
 def _step_metrics(rollouts: list[Rollout], args: GRPOArguments) -> dict:

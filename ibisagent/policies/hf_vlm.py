@@ -20,12 +20,11 @@ import numpy as np
 
 from ibisagent.grammar import DIALECTS
 from ibisagent.policies.base import Observation
+from ibisagent.specs import DTYPES, HISTORY_MODES
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "templates"
 TEMPLATE_PARTS = ("system", "first", "refine")
 TEMPLATE_FIELDS = ("instruction", "targets")
-HISTORY_MODES = ("full", "current")
-DTYPES = ("auto", "bfloat16", "float16", "float32")
 _CACHE_REUSE_MODEL_TYPES = ("qwen2_5_vl",)
 # owner/name, as the Hub spells repository ids (no leading dot or slash, exactly one slash).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")

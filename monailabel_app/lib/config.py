@@ -8,9 +8,7 @@ import re
 import typing
 from dataclasses import dataclass, field, fields
 
-from ibisagent.grammar import DIALECTS
-from ibisagent.policies.hf_vlm import DTYPES, HISTORY_MODES
-from ibisagent.tools import TOOLS
+from ibisagent.specs import PolicySpec, SpecError, ToolSpec
 
 from .errors import ConfigError
 
@@ -18,24 +16,12 @@ _MONAILABEL_CONF = ("server_mode",)  # keys MONAI Label itself reads from --conf
 
 
 @dataclass
-class AppConfig:
-    """The app's --conf settings (`--conf key value`, values as strings on the command line)."""
+class AppConfig(ToolSpec, PolicySpec):
+    """The app's --conf settings (`--conf key value`, values as strings on the command line): the tool's and the
+    policy's specs (`ibisagent.specs`: tool, checkpoint, tool_config; model, dialect, history, dtype, sampling ...)
+    plus the server's own settings below. `model` unset: only tool requests (run_agent false) are served."""
 
-    model: str | None = field(
-        default=None, metadata={"help": "policy VLM: a local checkpoint folder or a Hub id; unset: tool-only requests"}
-    )
-    tool: str = field(default="classical", metadata={"help": f"segmentation tool: {', '.join(TOOLS)}"})
-    checkpoint: str | None = field(
-        default=None, metadata={"help": "weights file of a model tool; unset: random weights (tests only)"}
-    )
-    tool_config: str | None = field(
-        default=None, metadata={"help": "SAM2.1 config name (sam2.1_hiera_t ...) or SAM type (vit_b ...)"}
-    )
     device: str = field(default="cpu", metadata={"help": "torch device for the tool and the model: cpu, cuda, cuda:1"})
-    dtype: str = field(default="auto", metadata={"help": f"model dtype: {', '.join(DTYPES)}"})
-    dialect: str = field(default="ibis", metadata={"help": f"action grammar of the model: {', '.join(DIALECTS)}"})
-    history: str = field(default="full", metadata={"help": "model context: full (all turns) or current"})
-    max_new_tokens: int = field(default=512, metadata={"help": "tokens the model may write per step"})
     max_steps: int = field(default=20, metadata={"help": "step limit: default and maximum of a request's max_steps"})
     session_ttl: float = field(default=600.0, metadata={"help": "seconds a session lives after its last request"})
     max_sessions: int = field(default=32, metadata={"help": "sessions kept; the least recently used goes first"})
@@ -44,6 +30,17 @@ class AppConfig:
         metadata={"help": "tool instances, each holding one slice's embedding (each > 1 loads the tool again)"},
     )
     labels: str = field(default="target", metadata={"help": "comma-separated label names listed in /info/"})
+
+    def __post_init__(self) -> None:  # checked in from_conf, which turns a SpecError into a ConfigError
+        pass
+
+    @property
+    def tool_spec(self) -> ToolSpec:
+        return ToolSpec(**{f.name: getattr(self, f.name) for f in fields(ToolSpec)})
+
+    @property
+    def policy_spec(self) -> PolicySpec:
+        return PolicySpec(**{f.name: getattr(self, f.name) for f in fields(PolicySpec)})
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> AppConfig:
@@ -65,17 +62,14 @@ class AppConfig:
         def bad(key: str, expected: str) -> ConfigError:
             return ConfigError(f"--conf {key} {getattr(self, key)!r} is invalid: expected {expected}")
 
-        if self.tool not in TOOLS:
-            raise bad("tool", f"one of {', '.join(TOOLS)}")
-        if self.dialect not in DIALECTS:
-            raise bad("dialect", f"one of {', '.join(DIALECTS)}")
-        if self.history not in HISTORY_MODES:
-            raise bad("history", f"one of {', '.join(HISTORY_MODES)}")
-        if self.dtype not in DTYPES:
-            raise bad("dtype", f"one of {', '.join(DTYPES)}")
+        try:
+            ToolSpec.__post_init__(self)
+            PolicySpec.__post_init__(self)
+        except SpecError as exc:
+            raise bad(exc.name, exc.expected) from None
         if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
             raise bad("device", "cpu, cuda, cuda:<index> or mps")
-        for key in ("max_new_tokens", "max_steps", "max_sessions", "embedding_cache"):
+        for key in ("max_steps", "max_sessions", "embedding_cache"):
             if getattr(self, key) < 1:
                 raise bad(key, "an integer of at least 1")
         if not self.session_ttl > 0:
@@ -95,6 +89,10 @@ def _convert(key: str, raw: str, hint: object):
     optional = type(None) in typing.get_args(hint)
     if optional and text.lower() in ("", "none", "null"):
         return None
+    if hint is bool:
+        if text.lower() not in ("true", "false"):
+            raise ConfigError(f"--conf {key} {raw!r} is invalid: expected true or false")
+        return text.lower() == "true"
     base = next((t for t in (int, float, str) if hint is t or t in typing.get_args(hint)), str)
     try:
         return base(text)
