@@ -112,3 +112,15 @@ def test_conf_values_are_parsed_and_checked():
     ]:
         with pytest.raises(ConfigError, match=words):
             AppConfig.from_conf(conf)
+
+
+def test_server_conf_keys_are_the_spec_fields():
+    config = AppConfig.from_conf({"tool_config": "vit_b", "sample": "true", "temperature": "0.7"})
+    assert (config.tool_spec.tool_config, config.policy_spec.sample, config.policy_spec.temperature) == (
+        "vit_b",
+        True,
+        0.7,
+    )
+    for conf, words in [({"sample": "yes"}, "expected true or false"), ({"top_p": "2"}, "--conf top_p 2.0 is invalid")]:
+        with pytest.raises(ConfigError, match=words):
+            AppConfig.from_conf(conf)
