@@ -1,9 +1,8 @@
 """One spec per tool and per policy: the options that say which segmentation tool and which VLM policy to build.
 
-Every configuration that builds a tool or a policy embeds these dataclasses instead of re-declaring their fields:
-the `ibisagent` command (flags with dashes, `--tool-config`), `ibisagent-train` (trl's convention, underscores,
-`--tool_config`; `HfArgumentParser` also accepts dashes), the MONAI Label app (`--conf tool_config ...`) and the
-evaluation runner. The device is not part of a spec: a run has one device (the command's `--device`, the server's
+The `ibisagent` command (flags with dashes, `--tool-config`) and the MONAI Label app (`--conf tool_config ...`)
+embed these dataclasses instead of re-declaring their fields; trajectory generation and GRPO build their tool
+through `ToolSpec`. The device is not part of a spec: a run has one device (the command's `--device`, the server's
 `--conf device`, the accelerator's device in training) and passes it to `build`.
 """
 
@@ -118,25 +117,23 @@ class PolicySpec:
 
 
 # -- command lines ----------------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser | Any, spec: type, title: str | None = None) -> None:
+def add_arguments(parser: argparse.ArgumentParser | Any, spec: type) -> None:
     """Add one flag per field of the dataclass `spec` to an argparse parser (or group), dashes in names
     (`tool_config` -> `--tool-config`), defaults, help and choices from the fields; booleans become store_true flags."""
-    group = parser.add_argument_group(title) if title and hasattr(parser, "add_argument_group") else parser
     hints = typing.get_type_hints(spec)
     for f in fields(spec):
         flag = "--" + f.name.replace("_", "-")
         default = None if f.default is MISSING else f.default
         help_text = f.metadata.get("help", "")
         if hints[f.name] is bool:
-            group.add_argument(flag, dest=f.name, action="store_true", default=default, help=help_text)
+            parser.add_argument(flag, dest=f.name, action="store_true", default=default, help=help_text)
             continue
         base = next((t for t in (int, float, str) if hints[f.name] is t or t in typing.get_args(hints[f.name])), str)
-        group.add_argument(
+        parser.add_argument(
             flag, dest=f.name, type=base, default=default, choices=f.metadata.get("choices"), help=help_text
         )
 
 
-def from_namespace(spec: type, namespace: argparse.Namespace | dict[str, Any]):
+def from_namespace(spec: type, namespace: argparse.Namespace):
     """The dataclass `spec` from the parsed flags of `add_arguments` (other attributes are ignored)."""
-    values = vars(namespace) if isinstance(namespace, argparse.Namespace) else dict(namespace)
-    return spec(**{f.name: values[f.name] for f in fields(spec) if f.name in values})
+    return spec(**{f.name: getattr(namespace, f.name) for f in fields(spec)})

@@ -81,8 +81,10 @@ class IBISAgentApp(MONAILabelApp):
         except Exception as exc:  # a missing folder, an incompatible checkpoint, no network for a Hub id
             raise ConfigError(f"--conf model {c.model!r} could not be loaded: {type(exc).__name__}: {exc}") from exc
 
+        options = c.policy_spec.options()
+
         def new_policy():
-            return HFVLMPolicy(base.model, base.processor, **c.policy_spec.options())
+            return HFVLMPolicy(base.model, base.processor, **options)
 
         return new_policy
 

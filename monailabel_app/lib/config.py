@@ -31,8 +31,9 @@ class AppConfig(ToolSpec, PolicySpec):
     )
     labels: str = field(default="target", metadata={"help": "comma-separated label names listed in /info/"})
 
-    def __post_init__(self) -> None:  # checked in from_conf, which turns a SpecError into a ConfigError
-        pass
+    def __post_init__(self) -> None:  # both bases' checks (the dataclass __init__ calls only the first in the MRO)
+        ToolSpec.__post_init__(self)
+        PolicySpec.__post_init__(self)
 
     @property
     def tool_spec(self) -> ToolSpec:
@@ -54,7 +55,10 @@ class AppConfig(ToolSpec, PolicySpec):
             if key not in known:
                 raise ConfigError(f"unknown --conf key {key!r}; the ibisagent app knows: {', '.join(sorted(known))}")
             values[key] = _convert(key, raw, hints[key])
-        config = cls(**values)
+        try:
+            config = cls(**values)
+        except SpecError as exc:
+            raise ConfigError(f"--conf {exc}") from None
         config._check()
         return config
 
@@ -62,11 +66,6 @@ class AppConfig(ToolSpec, PolicySpec):
         def bad(key: str, expected: str) -> ConfigError:
             return ConfigError(f"--conf {key} {getattr(self, key)!r} is invalid: expected {expected}")
 
-        try:
-            ToolSpec.__post_init__(self)
-            PolicySpec.__post_init__(self)
-        except SpecError as exc:
-            raise bad(exc.name, exc.expected) from None
         if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
             raise bad("device", "cpu, cuda, cuda:<index> or mps")
         for key in ("max_steps", "max_sessions", "embedding_cache"):
