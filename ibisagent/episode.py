@@ -32,6 +32,7 @@ class Episode:
                     caller already did it for this very image (the server reuses embeddings across requests).
     targets:        target names in order; clicks for a new target name add it.
     initial_masks:  optional HxW bool masks per target (refinement mode); they become the previous logits.
+    max_steps:      the step limit; None: none (an interactive session limits each run of the agent instead).
     """
 
     def __init__(
@@ -40,11 +41,11 @@ class Episode:
         image: np.ndarray,
         targets: list[str],
         initial_masks: dict[str, np.ndarray] | None = None,
-        max_steps: int = 20,
+        max_steps: int | None = 20,
         repeat_limit: int = 2,
         image_is_set: bool = False,
     ):
-        if max_steps < 1:
+        if max_steps is not None and max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {max_steps}")
         self.tool = tool
         self.image = image
@@ -106,8 +107,8 @@ class Episode:
         Undo returns to the state before the latest click action still in effect (undo twice: two clicks back).
         With no click left to revert, it discards the initial masks (in refinement mode the user's mask is the
         latest change: the agent rejects a mask of the wrong structure this way); otherwise it changes nothing."""
-        self.actions.append(action)
         if action.undo:
+            self.actions.append(action)
             if len(self._undoable) > 1:
                 self._undoable.pop()
                 self.history.append(self.history[self._undoable[-1]])
@@ -116,6 +117,7 @@ class Episode:
                 self._undoable = [len(self.history) - 1]
             return self.state
         if action.terminate:
+            self.actions.append(action)
             self.history.append(self.state)
             return self.state
         prev = self.state
@@ -128,6 +130,7 @@ class Episode:
             logits[target], masks[target], scores[target] = out.logits, out.mask, float(out.score)
         for target in clicks:
             masks.setdefault(target, np.zeros((h, w), bool))
+        self.actions.append(action)  # only now: a tool that fails leaves the episode as it was
         self.history.append(EpisodeState(clicks, logits, masks, scores))
         self._undoable.append(len(self.history) - 1)
         return self.state
@@ -173,6 +176,6 @@ class Episode:
             last = self.actions[-self.repeat_limit :]
             if last[0].clicks and all(a == last[0] for a in last):
                 return "repeated_action"
-        if self.step >= self.max_steps:
+        if self.max_steps is not None and self.step >= self.max_steps:
             return "max_steps"
         return None

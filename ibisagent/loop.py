@@ -39,9 +39,10 @@ def run_episode(
     trajectory: Trajectory | None = None,
     max_invalid: int = 1,
     on_step: Callable[[Step], None] | None = None,
+    max_actions: int | None = None,
 ) -> Trajectory:
     """Run `policy` in `episode` until it answers, terminates, repeats itself, writes `max_invalid` unusable
-    outputs in a row, or reaches the episode's step limit.
+    outputs in a row, or reaches the episode's step limit (or applies `max_actions` more actions in this call).
 
     gt: optional {target: HxW bool}; when given, each step records IoU/Dice per target in `Step.metrics`.
     trajectory: continue this trajectory (a resumed session) instead of starting a new one; the policy is then
@@ -50,15 +51,12 @@ def run_episode(
     grammar = Grammar(policy.dialect)
     default_target = episode.targets[0] if episode.targets else "target"
     if trajectory is None:
-        trajectory = Trajectory(
-            instruction,
-            episode.image_size,
-            episode.targets,
-            policy.dialect,
-            initial_masks={t: m for t, m in episode.state.masks.items() if m.any()},
-        )
+        trajectory = start_trajectory(episode, instruction, policy.dialect)
         policy.start(instruction, episode.targets)
     trajectory.stop_reason = None
+    limit = episode.max_steps
+    if max_actions is not None:
+        limit = episode.step + max_actions if limit is None else min(limit, episode.step + max_actions)
     invalid, feedback = 0, None
     while trajectory.stop_reason is None:
         t_render = time.perf_counter()
@@ -79,12 +77,12 @@ def run_episode(
             step.error = str(exc)
             feedback = f"Your previous output could not be used ({exc}). Follow the required format."
             step.timings = {"render": t0 - t_render, "policy": t1 - t0, "parse": time.perf_counter() - t1}
-            trajectory.steps.append(step)
+            record_step(trajectory, step)
             if on_step:
                 on_step(step)
             if invalid >= max_invalid:
                 trajectory.stop_reason = "invalid_action"
-            elif episode.step >= episode.max_steps:
+            elif limit is not None and episode.step >= limit:
                 trajectory.stop_reason = "max_steps"
             continue
         invalid, feedback = 0, None
@@ -93,16 +91,8 @@ def run_episode(
         if parsed.action is not None:
             episode.apply(parsed.action)
         t3 = time.perf_counter()
-        state = episode.state
-        step.clicks = {t: list(cs) for t, cs in state.clicks.items()}
-        step.masks = dict(state.masks)
-        step.scores = dict(state.scores)
-        if gt:
-            for t, g in gt.items():
-                m = state.masks.get(t, np.zeros(episode.image_size, bool))
-                step.metrics[f"iou/{t}"], step.metrics[f"dice/{t}"] = iou(m, g), dice(m, g)
         step.timings = {"render": t0 - t_render, "policy": t1 - t0, "parse": t2 - t1, "tool": t3 - t2}
-        trajectory.steps.append(step)
+        record_step(trajectory, step, episode, gt)
         if on_step:
             on_step(step)
         if parsed.answer is not None:
@@ -110,4 +100,34 @@ def run_episode(
             trajectory.stop_reason = "answer"
         else:
             trajectory.stop_reason = episode.stop_reason()
+            if trajectory.stop_reason is None and limit is not None and episode.step >= limit:
+                trajectory.stop_reason = "max_steps"
     return trajectory
+
+
+def start_trajectory(episode: Episode, instruction: str, dialect: str) -> Trajectory:
+    """The empty trajectory of `episode` (its initial masks included)."""
+    initial = {t: m for t, m in episode.state.masks.items() if m.any()}
+    return Trajectory(instruction, episode.image_size, episode.targets, dialect, initial_masks=initial)
+
+
+def record_step(
+    trajectory: Trajectory,
+    step: Step,
+    episode: Episode | None = None,
+    gt: dict[str, np.ndarray] | None = None,
+) -> Step:
+    """Append `step` to the trajectory, with the episode's state after it (clicks, masks, scores per target) and,
+    given `gt`, IoU/Dice per target. A step whose text could not be used changed nothing: record it without
+    `episode`. The agent's steps and a user's clicks (`ibisagent.session`) are recorded here alike."""
+    step.index = len(trajectory.steps)
+    if episode is not None:
+        state = episode.state
+        step.clicks = {t: list(cs) for t, cs in state.clicks.items()}
+        step.masks = dict(state.masks)
+        step.scores = dict(state.scores)
+        for t, g in (gt or {}).items():
+            m = state.masks.get(t, np.zeros(episode.image_size, bool))
+            step.metrics[f"iou/{t}"], step.metrics[f"dice/{t}"] = iou(m, g), dice(m, g)
+    trajectory.steps.append(step)
+    return step

@@ -1,4 +1,4 @@
-"""Server-side state of the ibisagent task: sessions (one episode each, with a time-to-live and LRU eviction) and the
+"""Server-side state of the ibisagent task: sessions (one interactive session each, with a time-to-live and LRU eviction) and the
 pool of tool instances that keeps image embeddings between requests.
 
 Locks: a session's `lock` is held for the whole request that uses it; a tool slot's lock is held while its tool
@@ -19,9 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from ibisagent.episode import Episode
+from ibisagent.session import InteractiveSession
 from ibisagent.tools.base import SegmentationTool
-from ibisagent.trajectory import Trajectory
 
 from .errors import RequestError
 
@@ -41,13 +40,11 @@ class SliceKey:
 
 @dataclass
 class Session:
-    """An episode that follow-up requests continue.
+    """A session that follow-up requests continue: the core's interactive session plus what the server keeps.
 
     target:       the target name the user's clicks are for.
-    image:        HxWx3 uint8, the slice the episode runs on; `source` describes its file (the task's own record).
-    episode, trajectory: None only until the session's first request has the tool at hand.
-    step_actions: for each trajectory step, `episode.step` after it (steps whose text could not be parsed apply no
-                  action), so that "undo to trajectory step k" maps onto `Episode.undo_to`.
+    image:        HxWx3 uint8, the slice the session works on; `source` describes its file (`labels.ImageSource`).
+    interactive:  None only until the session's first request has the tool at hand.
     """
 
     id: str
@@ -56,9 +53,7 @@ class Session:
     instruction: str
     target: str
     source: Any = None
-    episode: Episode | None = None
-    trajectory: Trajectory | None = None
-    step_actions: list[int] = field(default_factory=list)
+    interactive: InteractiveSession | None = None
     encode_count: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
