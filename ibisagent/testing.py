@@ -10,17 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ibisagent._compat import ensure_torchvision
+from ibisagent.chat import QWEN_SPECIAL_TOKENS
 
-# Qwen2.5-VL's special tokens, in the order the real tokenizer numbers them (relative, not the real ids).
-QWEN_SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
 # The grammar's section tags (ibisagent.grammar). With a byte-level vocabulary each tag would cost 7-9 tokens;
 # as single (non-special) tokens they survive `skip_special_tokens` decoding, shorten prompts and targets, and give
 # a from-scratch model one decision per tag instead of nine. The released Qwen2.5-VL tokenizer has no such tokens,

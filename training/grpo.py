@@ -44,10 +44,10 @@ from typing import Any
 
 import numpy as np
 
+from ibisagent.chat import END_OF_TURN, PromptTemplates, generation_kwargs, pixel_budget, turn_boundaries, turn_messages
 from ibisagent.episode import Episode
 from ibisagent.loop import run_episode
 from ibisagent.policies.base import Observation
-from ibisagent.policies.hf_vlm import PromptTemplates, generation_kwargs, pixel_budget, turn_messages
 from ibisagent.specs import ToolSpec
 from ibisagent.trajectory import Trajectory
 from ibisagent.types import Action
@@ -414,8 +414,8 @@ class RolloutPolicy:
         self.pixel_values: list[Any] = []
         self.grids: list[Any] = []
         self.images: list[np.ndarray] = []
-        self._close, self._open = _turn_boundaries(self.processor)
-        self._end_of_turn = self.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self._close, self._open = turn_boundaries(self.processor)
+        self._end_of_turn = self.processor.tokenizer.convert_tokens_to_ids(END_OF_TURN)
 
     def start(self, instruction: str, targets: list[str]) -> None:
         self.segments, self.pixel_values, self.grids, self.images = [], [], [], []
@@ -428,7 +428,7 @@ class RolloutPolicy:
             else:
                 last = self.segments[-1].ids
                 closed = bool(last) and last[-1] == self._end_of_turn
-                text = (self._close.removeprefix("<|im_end|>") if closed else self._close) + self._open(user)
+                text = (self._close.removeprefix(END_OF_TURN) if closed else self._close) + self._open(user)
             enc = self.processor(text=[text], images=[image], return_tensors="pt", **self.image_kwargs)
         self.segments.append(Segment(enc["input_ids"][0].tolist(), model=False))
         self.pixel_values.append(enc["pixel_values"])
@@ -459,25 +459,6 @@ class RolloutPolicy:
         out["labels"] = torch.tensor(labels, dtype=torch.long)
         out["attention_mask"] = torch.ones_like(out["input_ids"])
         return out
-
-
-def _turn_boundaries(processor) -> tuple[str, Callable[[dict], str]]:
-    """(the template's text that closes an assistant turn, a function rendering a new user turn plus the generation
-    prompt), taken from the chat template itself by rendering a conversation with and without one more turn."""
-    marker = "\x00"
-    system = {"role": "system", "content": [{"type": "text", "text": "s"}]}
-    user = {"role": "user", "content": [{"type": "text", "text": "u"}]}
-    assistant = {"role": "assistant", "content": [{"type": "text", "text": marker}]}
-    prefix = processor.apply_chat_template([system, user, assistant], tokenize=False)
-    close = prefix[prefix.rindex(marker) + 1 :]
-
-    def open_turn(message: dict) -> str:
-        full = processor.apply_chat_template(
-            [system, user, assistant, message], tokenize=False, add_generation_prompt=True
-        )
-        return full[len(prefix) :]
-
-    return close, open_turn
 
 
 class _SharedTool:

@@ -1,9 +1,9 @@
 """Cold-start SFT (paper 3.2): conversations built from simulated trajectories, loss on model-written tokens only,
 trained with trl's `SFTTrainer` (optionally LoRA via peft, optionally a frozen vision tower).
 
-A conversation is what the policy sees at inference (`ibisagent.policies.hf_vlm`): the system prompt, then per step a
-user turn (the observation image: the image with the current masks overlaid, `ibisagent.render.overlay`, and the
-prompt template's text) and the assistant turn (`<think>` reasoning, `<action>`, and `<answer>` when it terminates).
+A conversation is what the policy sees at inference, in the one chat format of `ibisagent.chat`: the system prompt,
+then per step a user turn (the observation image: the image with the current masks overlaid, `ibisagent.render.overlay`,
+and the prompt template's text) and the assistant turn (`<think>` reasoning, `<action>`, and `<answer>` when it terminates).
 The instruction comes from the instruction library (`prompts.py`), the reasoning from the weight-free generator
 (`reasoning.py`), the actions from the trajectory itself.
 
@@ -24,38 +24,41 @@ from pathlib import Path
 
 import numpy as np
 
+from ibisagent.chat import (
+    END_OF_TURN,
+    VISION_START,
+    PromptTemplates,
+    assistant_message,
+    assistant_texts,
+    observation_image,
+    pixel_budget,
+    system_message,
+    user_message,
+)
 from ibisagent.grammar import Grammar
-from ibisagent.policies.hf_vlm import PromptTemplates, pixel_budget
 from ibisagent.render import overlay
 from ibisagent.trajectory import Trajectory
 from ibisagent.types import Action
 
 IGNORE_INDEX = -100
-_END_OF_TURN = "<|im_end|>"  # Qwen's chat templates close every turn with it; the model must learn to write it
 
 
 # -- conversations -----------------------------------------------------------------------------------------------------
 @dataclass
 class Conversation:
     """One SFT sample: chat messages (image entries are `{"type": "image"}` placeholders), the observation images
-    (HxWx3 uint8, in placeholder order) and, per assistant message in order, whether its tokens are trained."""
+    (HxWx3 uint8, in placeholder order), per assistant message in order whether its tokens are trained, and the
+    instruction the conversation answers (what an episode of the policy would be given)."""
 
     id: str
     messages: list[dict]
     images: list[np.ndarray]
     train: list[bool]
+    instruction: str = ""
 
     @property
     def assistant_texts(self) -> list[str]:
-        return [m["content"][0]["text"] for m in self.messages if m["role"] == "assistant"]
-
-
-def _user(text: str) -> dict:
-    return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
-
-
-def _assistant(text: str) -> dict:
-    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+        return assistant_texts(self.messages)
 
 
 class ConversationBuilder:
@@ -134,28 +137,20 @@ class ConversationBuilder:
             answers.append(self.grammar.format(action, size, think=think, answer=answer))
             train.append(k not in masked)
 
-        first = self.templates.user_text(instruction, [target], first=True)
-        later = self.templates.user_text(instruction, [target], first=False)
-        system = {
-            "role": "system",
-            "content": [{"type": "text", "text": self.templates.system_text(instruction, [target])}],
-        }
+        system = system_message(self.templates, instruction, [target])
+        turns = [
+            [user_message(self.templates, instruction, [target], first=k == 0), assistant_message(text)]
+            for k, text in enumerate(answers)
+        ]
         cid = f"{record['id']}#{record.get('variant', 'gold')}"
         if self.history == "full":
-            messages = [system]
-            for k, text in enumerate(answers):
-                messages += [_user(first if k == 0 else later), _assistant(text)]
-            return [Conversation(cid, messages, [overlay(image, m) for m in shown], train)]
+            messages = [system, *(m for turn in turns for m in turn)]
+            return [Conversation(cid, messages, [overlay(image, m) for m in shown], train, instruction)]
         steps = [k for k, ok in enumerate(train) if ok]
         if only is not None:
             steps = steps[only : only + 1]
         return [
-            Conversation(
-                f"{cid}@{k}",
-                [system, _user(first if k == 0 else later), _assistant(answers[k])],
-                [overlay(image, shown[k])],
-                [True],
-            )
+            Conversation(f"{cid}@{k}", [system, *turns[k]], [overlay(image, shown[k])], [True], instruction)
             for k in steps
         ]
 
@@ -173,12 +168,12 @@ class ConversationBuilder:
         empty = np.zeros(size, bool)
         ctx = StepContext(size, empty, empty, (), absent_target, modality, 0, "absent")
         text = self.grammar.format(Action(terminate=True), size, think=describe_step(ctx, rng), answer=refusal)
-        system = {
-            "role": "system",
-            "content": [{"type": "text", "text": self.templates.system_text(question, [absent_target])}],
-        }
-        messages = [system, _user(self.templates.user_text(question, [absent_target], first=True)), _assistant(text)]
-        return Conversation(f"{record['id']}#absent:{absent_target}", messages, [image], [True])
+        messages = [
+            system_message(self.templates, question, [absent_target]),
+            user_message(self.templates, question, [absent_target], first=True),
+            assistant_message(text),
+        ]
+        return Conversation(f"{record['id']}#absent:{absent_target}", messages, [image], [True], question)
 
 
 # -- tokens and loss masks ---------------------------------------------------------------------------------------------
@@ -187,12 +182,11 @@ def encode(processor, conv: Conversation, image_kwargs: dict | None = None) -> d
     them (batch dimension of 1 for ids; pixel_values / image_grid_thw for all images).
 
     The chat template renders the whole conversation; each assistant turn's content plus the end-of-turn token that
-    follows it (`<|im_end|>`) is tokenised on its own, exactly as generation produces it after
+    follows it (`END_OF_TURN`) is tokenised on its own, exactly as generation produces it after
     the `assistant` header, and labelled when its `train` flag is set; all other text is tokenised with its images
     (placeholders expanded by the processor) and labelled -100.
     """
     import torch
-    from PIL import Image
 
     text = processor.apply_chat_template(conv.messages, tokenize=False, add_generation_prompt=False)
     segments, pos = [], 0
@@ -203,17 +197,17 @@ def encode(processor, conv: Conversation, image_kwargs: dict | None = None) -> d
                 f"{conv.id}: the chat template changed an assistant turn; cannot locate it for the loss mask"
             )
         end = start + len(content)
-        stop = end + len(_END_OF_TURN) if text.startswith(_END_OF_TURN, end) else end
+        stop = end + len(END_OF_TURN) if text.startswith(END_OF_TURN, end) else end
         segments += [(text[pos:start], False, False), (text[start:stop], True, trained)]
         pos = stop
     segments.append((text[pos:], False, False))
 
-    images = iter(Image.fromarray(np.ascontiguousarray(im, dtype=np.uint8)).convert("RGB") for im in conv.images)
+    images = iter(observation_image(im) for im in conv.images)
     ids, labels, pixel_values, grids = [], [], [], []
     for seg, is_assistant, trained in segments:
         if not seg:
             continue
-        n_images = 0 if is_assistant else seg.count("<|vision_start|>")
+        n_images = 0 if is_assistant else seg.count(VISION_START)
         if not n_images:  # text alone: the tokenizer is the processor's text path, without its per-call overhead
             seg_ids = processor.tokenizer(seg, add_special_tokens=False)["input_ids"]
         else:

@@ -1,9 +1,9 @@
 """The Hugging Face vision-language policy: a Qwen2.5-VL-style model (any `AutoModelForImageTextToText` with a chat
 template) that looks at the overlay image and writes the next `<think>`/`<action>` turn.
 
-Prompts come from plain-text templates (`ibisagent/templates/<dialect>_{system,first,refine}.txt`) that a user can
-replace with `template_dir`. transformers and torch are imported inside this module's functions only, so importing
-it (e.g. for `PromptTemplates` in training code) stays cheap.
+The conversation (templates, turn messages, images, pixel budget, end of turn) is the one chat format of
+`ibisagent.chat`. `load_pretrained` is the one loader of a checkpoint, used here and by SFT and GRPO. transformers and
+torch are imported inside this module's functions only.
 """
 
 from __future__ import annotations
@@ -12,92 +12,18 @@ import os
 import re
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ibisagent.grammar import DIALECTS
+from ibisagent.chat import PromptTemplates, assistant_message, generation_kwargs, pixel_budget, turn_messages
 from ibisagent.policies.base import Observation
 from ibisagent.specs import DTYPES, HISTORY_MODES
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "templates"
-TEMPLATE_PARTS = ("system", "first", "refine")
-TEMPLATE_FIELDS = ("instruction", "targets")
 _CACHE_REUSE_MODEL_TYPES = ("qwen2_5_vl",)
 # owner/name, as the Hub spells repository ids (no leading dot or slash, exactly one slash).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-# -- prompts --------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PromptTemplates:
-    """The three prompt texts of one dialect, as Python `str.format` templates with the fields {instruction} (the
-    user's request) and {targets} (the target names, comma-separated). Literal braces are written {{ and }}.
-
-    system: the system prompt. first: the user text of the first turn (no action applied yet; the image, with an
-    initial mask if the episode refines one, precedes it). refine: the user text of every later turn.
-    """
-
-    system: str
-    first: str
-    refine: str
-    dialect: str = "ibis"
-    source: str = ""
-
-    @classmethod
-    def load(cls, dialect: str = "ibis", template_dir: str | Path | None = None) -> PromptTemplates:
-        """Read `<dialect>_system.txt`, `<dialect>_first.txt` and `<dialect>_refine.txt`.
-
-        template_dir: a folder whose files replace the packaged ones (`ibisagent/templates/`); it must hold at least
-        one of the three, and the packaged file is used for any it lacks. One trailing newline of a file is dropped.
-        """
-        if dialect not in DIALECTS:
-            raise ValueError(f"unknown dialect {dialect!r}; choose one of {', '.join(DIALECTS)}")
-        names = {part: f"{dialect}_{part}.txt" for part in TEMPLATE_PARTS}
-        paths = {part: TEMPLATE_DIR / name for part, name in names.items()}
-        source = str(TEMPLATE_DIR)
-        if template_dir is not None:
-            folder = Path(template_dir).expanduser()
-            if not folder.is_dir():
-                raise ValueError(f"template_dir {str(folder)!r} is not a directory")
-            found = {part: folder / name for part, name in names.items() if (folder / name).is_file()}
-            if not found:
-                raise ValueError(
-                    f"template_dir {str(folder)!r} holds none of {', '.join(names.values())}; "
-                    f"copy them from {TEMPLATE_DIR} and edit them there"
-                )
-            paths.update(found)
-            source = str(folder)
-        texts = {}
-        for part, path in paths.items():
-            text = path.read_text(encoding="utf-8")
-            texts[part] = text.removesuffix("\n")
-            _check_fields(texts[part], path)
-        return cls(texts["system"], texts["first"], texts["refine"], dialect, source)
-
-    def system_text(self, instruction: str, targets: list[str]) -> str:
-        return self.system.format(**_fields(instruction, targets))
-
-    def user_text(self, instruction: str, targets: list[str], first: bool, feedback: str | None = None) -> str:
-        """The user turn's text; `feedback` (why the previous output was unusable) is appended after a blank line."""
-        text = (self.first if first else self.refine).format(**_fields(instruction, targets))
-        return f"{text}\n\n{feedback}" if feedback else text
-
-
-def _fields(instruction: str, targets: list[str]) -> dict[str, str]:
-    return {"instruction": instruction, "targets": ", ".join(targets) if targets else "target"}
-
-
-def _check_fields(text: str, path: Path) -> None:
-    try:
-        text.format(**{name: "" for name in TEMPLATE_FIELDS})
-    except (KeyError, IndexError, ValueError) as exc:
-        raise ValueError(
-            f"prompt template {path} is not a valid str.format template ({type(exc).__name__}: {exc}); "
-            f"the only fields are {{instruction}} and {{targets}}, and literal braces are written {{{{ and }}}}"
-        ) from None
 
 
 # -- the policy -----------------------------------------------------------------------------------------------------
@@ -206,33 +132,7 @@ class HFVLMPolicy:
                 "float16" or "float32".
         Further keyword arguments (top_k, repetition_penalty, reuse_cache) go to the constructor.
         """
-        from ibisagent._compat import ensure_torchvision
-
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        source = resolve_model_source(model)
-        ensure_torchvision()
-        import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-
-        def load(**options):
-            processor = AutoProcessor.from_pretrained(source, **options)
-            return AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype, **options), processor
-
-        is_local = os.path.isdir(source)
-        try:
-            # A Hub id is looked up in the local Hugging Face cache first: offline, the online lookup retries each
-            # file for tens of seconds before it gives up.
-            vlm, processor = load() if is_local else load(local_files_only=True)
-        except OSError as exc:
-            if is_local or _offline():
-                raise _load_error(source, is_local, exc) from exc
-            try:
-                vlm, processor = load()
-            except OSError as exc2:
-                raise _load_error(source, is_local, exc2) from exc2
+        vlm, processor = load_pretrained(model, dtype)
         vlm.to(device)
         vlm.eval()
         return cls(
@@ -270,7 +170,7 @@ class HFVLMPolicy:
         new_ids, stats = self._generate(inputs, len(images))
         text = self.processor.tokenizer.decode(new_ids, skip_special_tokens=True)
         if self.history == "full":
-            self._turns += [user, {"role": "assistant", "content": [{"type": "text", "text": text}]}]
+            self._turns += [user, assistant_message(text)]
             self._images.append(images[-1])
         self._calls += 1
         stats.update(seconds=time.perf_counter() - t0, step=obs.step)
@@ -404,69 +304,6 @@ class HFVLMPolicy:
         return int(np.random.SeedSequence([self.seed, self._episode, self._calls]).generate_state(1)[0])
 
 
-def turn_messages(templates: PromptTemplates, obs: Observation) -> tuple[dict, dict, Any]:
-    """The system message, the user message of `obs` (an image placeholder, then the first template's text while no
-    action has been applied, the refine template's after) and the observation image as RGB PIL."""
-    from PIL import Image
-
-    image = Image.fromarray(np.ascontiguousarray(obs.image, dtype=np.uint8)).convert("RGB")
-    text = templates.user_text(obs.instruction, obs.targets, first=obs.step == 0, feedback=obs.feedback)
-    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
-    system = {
-        "role": "system",
-        "content": [{"type": "text", "text": templates.system_text(obs.instruction, obs.targets)}],
-    }
-    return system, user, image
-
-
-def pixel_budget(processor: Any, min_pixels: int | None, max_pixels: int | None) -> dict:
-    """Per-call image-processor options for a pixel budget (Qwen2-VL's processors call the bounds shortest_edge and
-    longest_edge of `size`, both in pixels of area); a bound left None keeps the processor's own."""
-    if min_pixels is None and max_pixels is None:
-        return {}
-    size = getattr(processor.image_processor, "size", None) or {}
-    lo = min_pixels if min_pixels is not None else size.get("shortest_edge")
-    hi = max_pixels if max_pixels is not None else size.get("longest_edge")
-    return {"images_kwargs": {"size": {"shortest_edge": lo, "longest_edge": hi}}}
-
-
-def generation_kwargs(
-    model: Any,
-    processor: Any,
-    max_new_tokens: int,
-    do_sample: bool,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    repetition_penalty: float = 1.0,
-) -> dict:
-    """`generate` keyword arguments that end a turn at `<|im_end|>` (besides the model's own eos ids) and pass every
-    sampling setting explicitly, so that a checkpoint's generation_config (Qwen ships top_k=1,
-    repetition_penalty=1.05) cannot silently change what the caller asked for. The vision placeholder tokens are
-    suppressed: a written <|image_pad|> would be an image slot without features in the next turn's prompt."""
-    tokenizer = processor.tokenizer
-    eos = model.generation_config.eos_token_id
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in eos:
-        eos.append(im_end)
-    kwargs = {
-        "max_new_tokens": max_new_tokens,
-        "do_sample": do_sample,
-        "eos_token_id": eos or None,
-        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [None])[0],
-        "repetition_penalty": repetition_penalty,
-    }
-    config = model.config
-    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-    vision = [int(getattr(config, n)) for n in names if getattr(config, n, None) is not None]
-    if vision:
-        kwargs["suppress_tokens"] = vision
-    if do_sample:
-        kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
-    return kwargs
-
-
 @contextmanager
 def _seeded(seed: int | None, device):
     """Seed torch's RNGs for one generate call and restore their state afterwards (no-op for seed None)."""
@@ -478,6 +315,49 @@ def _seeded(seed: int | None, device):
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         yield
+
+
+def load_pretrained(
+    model: str | Path, dtype: str | None = "auto", revision: str | None = None, attn_implementation: str | None = None
+) -> tuple[Any, Any]:
+    """(model, processor) of a checkpoint, with `AutoModelForImageTextToText` and `AutoProcessor`, on the CPU.
+
+    model: a local directory (holding config.json, the weights and the processor files) or a Hub id such as
+    "Qwen/Qwen2.5-VL-7B-Instruct" (read from the Hugging Face cache first, fetched only when missing there and the
+    Hub is not switched off). dtype: "auto" (the checkpoint's), "bfloat16", "float16", "float32", or None
+    (transformers' default). revision, attn_implementation: passed to `from_pretrained` when set.
+    Raises ValueError for a source that is neither, RuntimeError (saying what to do) when loading fails.
+    """
+    from ibisagent._compat import ensure_torchvision
+
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    source = resolve_model_source(model)
+    ensure_torchvision()
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    torch_dtype = dtype if dtype in ("auto", None) else getattr(torch, dtype)
+    shared = {"revision": revision} if revision else {}
+    model_only = {"attn_implementation": attn_implementation} if attn_implementation else {}
+
+    def load(**options):
+        processor = AutoProcessor.from_pretrained(source, **shared, **options)
+        vlm = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype, **shared, **model_only, **options)
+        return vlm, processor
+
+    is_local = os.path.isdir(source)
+    try:
+        # A Hub id is looked up in the local Hugging Face cache first: offline, the online lookup retries each
+        # file for tens of seconds before it gives up.
+        return load() if is_local else load(local_files_only=True)
+    except OSError as exc:
+        if is_local or _offline():
+            raise _load_error(source, is_local, exc) from exc
+        try:
+            return load()
+        except OSError as exc2:
+            raise _load_error(source, is_local, exc2) from exc2
 
 
 def _offline() -> bool:

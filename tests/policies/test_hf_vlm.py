@@ -19,10 +19,11 @@ ensure_torchvision()
 torch = pytest.importorskip("torch", reason="the VLM policy needs torch")
 pytest.importorskip("transformers", reason="the VLM policy needs transformers")
 
+from ibisagent.chat import TEMPLATE_DIR, PromptTemplates  # noqa: E402
 from ibisagent.episode import Episode  # noqa: E402
 from ibisagent.loop import run_episode  # noqa: E402
 from ibisagent.policies.base import Observation, Policy  # noqa: E402
-from ibisagent.policies.hf_vlm import TEMPLATE_DIR, HFVLMPolicy, PromptTemplates  # noqa: E402
+from ibisagent.policies.hf_vlm import HFVLMPolicy  # noqa: E402
 from ibisagent.testing import (  # noqa: E402
     _QWEN2_5_VL_CHAT_TEMPLATE,
     GRAMMAR_TOKENS,

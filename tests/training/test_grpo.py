@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from ibisagent.policies.hf_vlm import PromptTemplates
+from ibisagent.chat import PromptTemplates, assistant_message, system_message, user_message
 from ibisagent.render import overlay
 from ibisagent.tools import build_tool
 from ibisagent.trajectory import Trajectory
@@ -92,18 +92,9 @@ def _teach(model, processor, templates, rows, steps: int = 150) -> None:
     for text, row in [(t, r) for t in texts for r in rows]:
         for first in (True, False):
             messages = [
-                {
-                    "role": "system",
-                    "content": [{"type": "text", "text": templates.system_text(row.instruction, [])}],
-                },
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image"},
-                        {"type": "text", "text": templates.user_text(row.instruction, [], first=first)},
-                    ],
-                },
-                {"role": "assistant", "content": [{"type": "text", "text": text}]},
+                system_message(templates, row.instruction, []),
+                user_message(templates, row.instruction, [], first=first),
+                assistant_message(text),
             ]
             encoded.append(encode(processor, Conversation("teach", messages, [row.image], [True])))
     batch = collate(encoded, processor.tokenizer.pad_token_id)
@@ -326,7 +317,6 @@ def test_grpo_cli_errors(setup, capsys):
     assert "no such folder" in capsys.readouterr().err
     assert main(["grpo", "--model_name_or_path", str(model_dir), "--beta", "0.1"]) == 2
     assert "beta must be 0" in capsys.readouterr().err
-
 
 
 def test_sampling_never_writes_image_placeholders(setup):
