@@ -29,6 +29,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .leaks import find_leaks
+
 # -- families and styles ------------------------------------------------------------------------------------------
 IMPERATIVE_FAMILIES = ("direct", "goal")
 INTERROGATIVE_FAMILIES = ("conditional", "compound", "protocol", "conversational", "concise")
@@ -460,8 +462,6 @@ class InstructionLibrary:
         }
 
     def _validate(self) -> None:
-        from .reasoning import find_leaks  # reasoning imports this module's vocabulary
-
         groups = [(f"initial/{k}", v, True) for k, v in self.initial_templates.items()]
         groups += [(f"refinement/{k}", v, False) for k, v in self.refinement_templates.items()]
         groups += [(f"answers/{k}", v, False) for k, v in self.answer_templates.items()]

@@ -4,9 +4,9 @@ region the simulator's click lies in, whether to add or remove).
 
 The default generator needs no model: it analyses the error region (size relative to the target, where it lies
 relative to the current mask, e.g. beyond the lower-left edge, a gap inside, a stray patch) and picks one of
-several phrasings per situation with the caller's `random.Random`. Every text passes the leak filter
-(`FORBIDDEN`, `find_leaks`, `assert_no_leak`): words such as "red", "FP" or "ground truth" name what only the
-oracle sees and must never appear in the agent's reasoning.
+several phrasings per situation with the caller's `random.Random`. Every text passes the leak filter (`leaks.py`):
+words such as "red", "FP" or "ground truth" name what only the oracle sees and must never appear in the agent's
+reasoning.
 
 Directions ("upper", "lower-left", "right") are in the image frame (rows down, columns right), as the agent sees it.
 """
@@ -14,9 +14,8 @@ Directions ("upper", "lower-left", "right") are in the image frame (rows down, c
 from __future__ import annotations
 
 import random
-import re
 import string
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,75 +23,8 @@ from scipy import ndimage
 
 from ibisagent.types import Click
 
+from .leaks import assert_no_leak
 from .prompts import fill_fields, modality_words
-
-# -- the leak filter ----------------------------------------------------------------------------------------------
-FORBIDDEN = (
-    "red",
-    "blue",
-    "cross",
-    "crosshair",
-    "star",
-    "TP",
-    "FP",
-    "FN",
-    "TN",
-    "true positive",
-    "false positive",
-    "false negative",
-    "true negative",
-    "ground truth",
-    "groundtruth",
-    "GT",
-    "gold standard",
-    "oracle",
-    "annotation mask",
-    "reference mask",
-    "label mask",
-    "target mask",
-    "green outline",
-    "green contour",
-    "error map",
-    "IoU",
-    "Dice",
-    "privileged",
-    "teacher",
-    "simulator",
-)
-
-
-def _term_pattern(term: str) -> str:
-    # whole words, case-insensitive; spaces and hyphens interchangeable ("ground truth" = "ground-truth");
-    # a plural ending still counts ("FPs", "crosses", "reds")
-    body = r"[\s\-_]+".join(re.escape(w) for w in re.split(r"[\s\-]+", term))
-    return rf"(?<![A-Za-z0-9]){body}(?:s|es)?(?![A-Za-z0-9])"
-
-
-_LEAK_PATTERNS = [(t, re.compile(_term_pattern(t), re.IGNORECASE)) for t in FORBIDDEN]
-
-
-class LeakError(ValueError):
-    """A text meant for the agent names something only the oracle knows."""
-
-
-def find_leaks(text: str, allow: Iterable[str] = ()) -> list[str]:
-    """The `FORBIDDEN` terms found in `text` (case-insensitive whole words, plural endings included), in
-    `FORBIDDEN` order. `allow`: phrases removed before the search, e.g. a target name such as "red blood cell"."""
-    for phrase in allow:
-        if phrase:
-            text = re.sub(re.escape(phrase), " ", text, flags=re.IGNORECASE)
-    return [term for term, pattern in _LEAK_PATTERNS if pattern.search(text)]
-
-
-def assert_no_leak(text: str, allow: Iterable[str] = ()) -> None:
-    """Raise `LeakError` (a ValueError) naming the forbidden terms found in `text`."""
-    leaks = find_leaks(text, allow)
-    if leaks:
-        raise LeakError(
-            f"text names privileged information {leaks}: {text!r}; rewrite it from the agent's view "
-            "(the image and the single green mask), without these words"
-        )
-
 
 # -- the step context ---------------------------------------------------------------------------------------------
 KINDS = ("initial", "add", "remove", "terminate", "undo", "discard", "absent")

@@ -25,8 +25,9 @@ import numpy as np
 
 from ibisagent.types import Click
 
+from .leaks import FORBIDDEN, find_leaks
 from .prompts import FAMILY_DESCRIPTIONS, INITIAL_FAMILIES, InstructionLibrary, Prompt, fill_fields, find_unsupported
-from .reasoning import FORBIDDEN, StepContext, describe_step, find_leaks, oracle_facts
+from .reasoning import StepContext, describe_step, oracle_facts
 
 
 class TeacherError(RuntimeError):
@@ -185,7 +186,7 @@ class TeacherInstructions:
     """Extra initialisation prompts for one target and modality from a teacher LLM (paper B.2, fact-based).
 
     Replies are parsed as a JSON array of strings; an item is kept only if it names the target, contains no
-    leak word (`reasoning.FORBIDDEN`) and asks nothing the agent cannot do (`prompts.UNSUPPORTED_REQUESTS`).
+    leak word (`leaks.FORBIDDEN`) and asks nothing the agent cannot do (`prompts.UNSUPPORTED_REQUESTS`).
     `stats` counts calls, accepted items and each rejection reason.
     """
 

@@ -9,6 +9,7 @@ import re
 
 import pytest
 
+from ibisagent_training.leaks import find_leaks
 from ibisagent_training.prompts import (
     ANSWER_STYLES,
     INITIAL_FAMILIES,
@@ -22,7 +23,6 @@ from ibisagent_training.prompts import (
     is_plural,
     modality_words,
 )
-from ibisagent_training.reasoning import find_leaks
 from tests.conftest import DEMO, needs_demo
 
 TARGETS = ["liver tumor", "adrenal gland", "neoplastic cells", "uterus", "pancreas", "optic disc", "COVID-19 infection"]

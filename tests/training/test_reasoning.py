@@ -12,16 +12,14 @@ from scipy import ndimage
 
 from ibisagent.simulator import next_click
 from ibisagent.types import Click
+from ibisagent_training.leaks import LeakError, assert_no_leak, find_leaks
 from ibisagent_training.reasoning import (
     ADD,
     REMOVE,
     TERMINATE_CLOSE,
-    LeakError,
     StepContext,
-    assert_no_leak,
     describe_step,
     error_region,
-    find_leaks,
     image_where,
     oracle_facts,
     size_word,

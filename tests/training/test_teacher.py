@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from ibisagent.simulator import next_click
-from ibisagent_training.reasoning import describe_step, find_leaks, step_context
+from ibisagent_training.leaks import find_leaks
+from ibisagent_training.reasoning import describe_step, step_context
 from ibisagent_training.teacher import (
     TeacherClient,
     TeacherConnectionError,
