@@ -17,6 +17,7 @@ import qt
 import slicer
 import vtk
 from IBISAgentLib import (
+    AgentRequest,
     IBISAgentClient,
     TrajectoryView,
     default_server_url,
@@ -592,10 +593,7 @@ class IBISAgentLogic(ScriptedLoadableModuleLogic):
         segment's current mask on this slice as the starting mask. positiveRas / negativeRas: world RAS points
         applied first. runAgent: None = when the server has a policy model. Shows the last step as a preview.
         """
-        if not (instruction or "").strip():
-            raise ValueError("write an instruction, e.g. 'segment the liver tumor'")
-        if int(maxSteps) < 1:
-            raise ValueError(f"max steps must be at least 1, got {maxSteps}")
+        AgentRequest(instruction, max_steps=int(maxSteps)).check()  # before the server is asked anything
         array = self.volumeArray(volumeNode)
         kji_slice(array, axis, sliceIndex)  # a clear error for a bad axis or an out-of-range slice
         foreground = self.pointsToIjk(positiveRas or [], volumeNode, axis, sliceIndex)
@@ -615,16 +613,15 @@ class IBISAgentLogic(ScriptedLoadableModuleLogic):
         self.removePreview()
         session = IBISAgentSession(None, volumeNode, axis, sliceIndex, instruction.strip(), segmentationNode, segmentId)
         session.imageId = self.imageIdForVolume(volumeNode, client)
-        params = {
-            "instruction": session.instruction,
-            "slice": session.sliceIndex,
-            "axis": session.axis,
-            "foreground": foreground,
-            "background": background,
-            "max_steps": int(maxSteps),
-            "session_id": None,
-            "run_agent": bool(runAgent),
-        }
+        request = AgentRequest(
+            session.instruction,
+            slice=session.sliceIndex,
+            axis=session.axis,
+            foreground=foreground,
+            background=background,
+            max_steps=int(maxSteps),
+            run_agent=bool(runAgent),
+        )
         what = "Running the agent" if runAgent else "Applying your points"
         self._status(f"{what} on slice {sliceIndex} (axis {axis}) of {session.imageId} ...")
         with tempfile.TemporaryDirectory() as folder:
@@ -635,6 +632,7 @@ class IBISAgentLogic(ScriptedLoadableModuleLogic):
                     labelPath = os.path.join(folder, "initial_mask.png")
                     with open(labelPath, "wb") as f:
                         f.write(png_mask_bytes(mask))
+            params = request.to_params(has_label=labelPath is not None)
             result, _ = client.infer(session.imageId, params, label_path=labelPath, output="json")
         session.update(result)
         self.session = session
@@ -661,20 +659,18 @@ class IBISAgentLogic(ScriptedLoadableModuleLogic):
             runAgent = self.agentAvailable()
         if undoTo is not None and not 0 <= int(undoTo) <= s.trajectory.num_steps:
             raise ValueError(f"undo to step {undoTo}: the trajectory has steps 0..{s.trajectory.num_steps}")
-        if not runAgent and not foreground and not background and undoTo is None and not removeClicks:
-            raise ValueError("place positive or negative points first (or let the agent continue)")
-        params = {
-            "instruction": s.instruction,
-            "slice": s.sliceIndex,
-            "axis": s.axis,
-            "foreground": foreground,
-            "background": background,
-            "max_steps": int(maxSteps),
-            "session_id": s.sessionId,
-            "undo_to": None if undoTo is None else int(undoTo),
-            "remove_clicks": removeClicks,
-            "run_agent": bool(runAgent),
-        }
+        params = AgentRequest(
+            s.instruction,
+            slice=s.sliceIndex,
+            axis=s.axis,
+            foreground=foreground,
+            background=background,
+            remove_clicks=[list(p) for p in removeClicks or []],
+            max_steps=int(maxSteps),
+            session_id=s.sessionId,
+            undo_to=None if undoTo is None else int(undoTo),
+            run_agent=bool(runAgent),
+        ).to_params()
         self._status(
             f"Continuing session {s.sessionId} with {len(foreground)} positive and {len(background)} negative "
             "points ..."

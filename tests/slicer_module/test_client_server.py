@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from IBISAgentLib import (
+    AgentRequest,
     IBISAgentClient,
     IBISAgentClientError,
     TrajectoryView,
@@ -157,17 +158,8 @@ def test_tool_only_ijk_click_gives_a_volume_label_in_that_slice(server, axis):
     client, shape = server["client"], server["shape"]
     click = list(server["click"])  # (i, j, k) inside the lesion on its axial slice
     s = click[axis]
-    params = {
-        "instruction": "segment the lesion",
-        "slice": s,
-        "axis": axis,
-        "foreground": [click],
-        "background": [],
-        "max_steps": 1,
-        "session_id": None,
-        "run_agent": False,
-    }
-    result, label = client.infer(VOLUME_ID, params)  # output=all: the JSON and the label file, multipart
+    params = AgentRequest("segment the lesion", slice=s, axis=axis, foreground=[click], max_steps=1, run_agent=False)
+    result, label = client.infer(VOLUME_ID, params.to_params())  # output=all: the JSON and the label file, multipart
     assert (result["slice"], result["axis"], result["label_kind"]) == (s, axis, "volume")
     assert result["stop_reason"] == "agent_not_run" and result["image"] == VOLUME_ID
     view = _decode(result)
@@ -186,31 +178,36 @@ def test_tool_only_ijk_click_gives_a_volume_label_in_that_slice(server, axis):
         assert labelmap[click[2], click[1], click[0]] == 1
 
 
-def test_continuation_with_session_and_undo_to(server):
+def test_continuation_with_session_undo_to_and_remove_clicks(server):
     client, (i, j, k) = server["client"], server["click"]
-    base = {"instruction": "segment the lesion", "slice": k, "axis": 2, "max_steps": 1, "run_agent": False}
-    first, label = client.infer(VOLUME_ID, {**base, "foreground": [[i, j, k]], "session_id": None}, output="json")
+
+    def infer(**fields):
+        request = AgentRequest("segment the lesion", slice=k, axis=2, max_steps=1, run_agent=False, **fields)
+        return client.infer(VOLUME_ID, request.to_params(), output="json")
+
+    first, label = infer(foreground=[[i, j, k]])
     assert label is None and first["session_id"]
     sid = first["session_id"]
-    second, _ = client.infer(VOLUME_ID, {**base, "session_id": sid, "background": [[i + 25, j, k]]}, output="json")
+    second, _ = infer(session_id=sid, background=[[i + 25, j, k]])
     assert second["session_id"] == sid
     view = _decode(second)
     assert view.num_steps == 2
     assert [(int(c.x), int(c.y), c.positive) for c in view.clicks_at(1)] == [(i, j, True), (i + 25, j, False)]
     # undo_to 1 keeps the first step; the new point becomes step 2
-    third, _ = client.infer(
-        VOLUME_ID, {**base, "session_id": sid, "undo_to": 1, "foreground": [[i, j + 3, k]]}, output="json"
-    )
+    third, _ = infer(session_id=sid, undo_to=1, foreground=[[i, j + 3, k]])
     view = _decode(third)
     assert view.num_steps == 2
     assert [(int(c.x), int(c.y)) for c in view.clicks_at(1)] == [(i, j), (i, j + 3)]
     np.testing.assert_array_equal(view.mask_at(0), _decode(first).final_mask)
     # undo_to 0: back to the initial state, then one new step
-    fourth, _ = client.infer(
-        VOLUME_ID, {**base, "session_id": sid, "undo_to": 0, "foreground": [[i, j, k]]}, output="json"
-    )
+    fourth, _ = infer(session_id=sid, undo_to=0, foreground=[[i, j, k]])
     view = _decode(fourth)
     assert view.num_steps == 1 and [(int(c.x), int(c.y)) for c in view.clicks_at(0)] == [(i, j)]
+    # a second click, then the first one taken back (as [x, y] pixels, the way the trajectory shows it)
+    infer(session_id=sid, foreground=[[i + 2, j + 2, k]])
+    fifth, _ = infer(session_id=sid, remove_clicks=[[i, j]])
+    view = _decode(fifth)
+    assert [(int(c.x), int(c.y)) for c in view.clicks_at(view.num_steps - 1)] == [(i + 2, j + 2)]
 
 
 @pytest.mark.parametrize(
@@ -254,14 +251,8 @@ def test_upload_a_volume_then_segment_it(server, tmp_path):
     initial[12:20, 18:30] = True
     label_path = tmp_path / "initial.png"
     label_path.write_bytes(png_mask_bytes(initial))
-    params = {
-        "instruction": "segment the block",
-        "slice": 3,
-        "axis": 2,
-        "foreground": [[25, 20, 3]],
-        "run_agent": False,
-    }
-    result, label = client.infer(image_id, params, label_path=label_path)
+    params = AgentRequest("segment the block", slice=3, axis=2, foreground=[[25, 20, 3]], run_agent=False)
+    result, label = client.infer(image_id, params.to_params(has_label=True), label_path=label_path)
     view = _decode(result)
     np.testing.assert_array_equal(view.initial_mask(), initial)
     labelmap, affine = read_nifti(label)

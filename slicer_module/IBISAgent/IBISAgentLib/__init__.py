@@ -1,4 +1,4 @@
-"""The Qt-free part of the IBISAgent Slicer module: HTTP client, trajectory reader, coordinate conversions, file
+"""The Qt-free part of the IBISAgent Slicer module: HTTP client, request, trajectory reader, coordinate conversions, file
 encoders. Standard library + numpy only, so it runs in Slicer's Python and under pytest alike; it imports nothing
 of the `ibisagent` package (the trajectory JSON is the contract between them)."""
 
@@ -32,6 +32,7 @@ from IBISAgentLib.geometry import (
     write_slice_mask,
 )
 from IBISAgentLib.imagefiles import nifti_bytes, png_mask_bytes, read_nifti, write_nifti, write_png_mask
+from IBISAgentLib.request import AgentRequest
 from IBISAgentLib.trajectory import (
     SUPPORTED_VERSIONS,
     ClickPoint,
@@ -44,6 +45,7 @@ from IBISAgentLib.trajectory import (
 )
 
 __all__ = [
+    "AgentRequest",
     "DEFAULT_MODEL",
     "SUPPORTED_VERSIONS",
     "ClickPoint",
