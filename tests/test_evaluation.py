@@ -15,16 +15,27 @@ from PIL import Image
 
 from ibisagent.cli import main
 from ibisagent.evaluation import BenchmarkError, load_benchmark, read_results
-from ibisagent.evaluation.runner import box_clicks, center_click, iou_curves
-from ibisagent.io import read_mask
-from ibisagent.metrics import dice, entity_f1, iou, iou_at, noc
-from ibisagent.trajectory import Trajectory
+from ibisagent.evaluation.runner import (
+    baseline_methods,
+    box_clicks,
+    center_click,
+    evaluate,
+    first_click_in_target,
+    format_valid,
+    image_center_click,
+    iou_curves,
+)
+from ibisagent.io import read_mask, write_mask
+from ibisagent.metrics import click_in_target, dice, entity_f1, iou, iou_at, noc
+from ibisagent.tools.classical import ClassicalTool
+from ibisagent.trajectory import Step, Trajectory
+from ibisagent.types import Action, Click
 from tests.conftest import DEMO, RECIST, needs_demo
 
 needs_recist = pytest.mark.skipif(not RECIST.is_dir(), reason=f"shared RECIST volumes not found at {RECIST}")
 # Three modalities, four targets; the fundus image carries two masks (one tool encode shared by both).
 DEMO_IMAGES = ("01_CT_lung", "20_ultrasound_breast", "23_fundus_retinal")
-METHODS = ("oracle", "box", "center")
+METHODS = ("oracle", "box", "center", "image-center")
 MAX_STEPS, MAX_SIDE = 4, 256
 
 
@@ -41,7 +52,7 @@ def _demo_subset(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory) -> tuple[Path, Path]:
-    """(benchmark folder, output folder) of one CLI run: oracle + box + center baselines with the classical tool."""
+    """(benchmark folder, output folder) of one CLI run: every baseline with the classical tool."""
     if not DEMO.is_dir():
         pytest.skip(f"shared demo data not found at {DEMO}")
     base = tmp_path_factory.mktemp("eval_demo")
@@ -96,6 +107,9 @@ def test_csv_metrics_agree_with_the_saved_masks(demo_run):
         step_iou, click_iou = iou_curves(Trajectory.from_json(out / r["trajectory"]), gt)
         assert r["step_iou"] == pytest.approx(step_iou) and r["click_iou"] == pytest.approx(click_iou)
         assert r["step_iou"][-1] == pytest.approx(r["iou"])
+        clicks = [c for s in Trajectory.from_json(out / r["trajectory"]).steps if s.action for c in s.action.clicks]
+        assert r["click_in_target"] == int(clicks[0].positive and click_in_target(clicks[0], gt))
+        assert r["format_valid"] == 1.0  # the baselines write what the grammar parses
         assert r["noc85"] == noc(click_iou, 0.85, MAX_STEPS) and r["noc90"] == noc(click_iou, 0.90, MAX_STEPS)
         for k in (1, 3, 5, 10):
             assert r[f"iou_at{k}"] == pytest.approx(iou_at(click_iou, k))
@@ -151,6 +165,56 @@ def test_baselines_click_where_they_say(demo_run):
             assert not c.positive
             assert not (rows.min() <= c.y <= rows.max() + 1 and cols.min() <= c.x <= cols.max() + 1)
         assert list(clicks) == box_clicks(gt, case.target) and 1 <= len(clicks) <= 5
+        image_center = Trajectory.from_json(out / "trajectories" / "image-center" / f"{case.case_id}.json")
+        (click,) = image_center.steps[0].action.clicks
+        assert click == image_center_click(gt.shape, case.target)
+        assert (click.x, click.y, click.positive) == (MAX_SIDE // 2 + 0.5, MAX_SIDE // 2 + 0.5, True)
+
+
+def _one_case_benchmark(root: Path, box: tuple[int, int, int, int]) -> Path:
+    """A BiomedParse split of one 40x60 image whose 'spot' mask is the (row0, row1, col0, col1) box; returns it."""
+    image = np.full((40, 60, 3), 30, np.uint8)
+    gt = np.zeros((40, 60), bool)
+    gt[box[0] : box[1], box[2] : box[3]] = True
+    image[gt] = 220
+    (root / "test").mkdir(parents=True)
+    Image.fromarray(image).save(root / "test" / "01_CT_test.png")
+    write_mask(root / "test_mask" / "01_CT_test_spot.png", gt)
+    return root / "test"
+
+
+def test_image_center_baseline_clicks_the_image_centre_wherever_the_target_is(tmp_path):
+    """`image-center` (no knowledge of the target) against `center` (the gt's deepest pixel): the same click when the
+    target covers the image centre, a miss when it lies off-centre."""
+    for name, box in (("centred", (10, 30, 20, 40)), ("corner", (2, 12, 3, 15))):
+        _, cases = load_benchmark(_one_case_benchmark(tmp_path / name, box))
+        out = tmp_path / f"{name}-out"
+        rows = evaluate(cases, baseline_methods(["center", "image-center"], 3), ClassicalTool(), out, progress=False)
+        by = {r["method"]: r for r in rows}
+        (click,) = Trajectory.from_json(out / by["image-center"]["trajectory"]).steps[0].action.clicks
+        assert (click.x, click.y, click.positive) == (30.5, 20.5, True)
+        assert by["center"]["click_in_target"] == 1 and by["center"]["iou"] > 0.5
+        assert by["image-center"]["click_in_target"] == int(name == "centred")
+        assert by["image-center"]["steps"] == by["center"]["steps"] == 1
+        assert all(r["format_valid"] == 1.0 and r["failure"] in ("", "no_mask") for r in rows)
+    assert by["image-center"]["iou"] < 0.1  # the corner target: the centre click segments something else
+    assert [m.label for m in baseline_methods(["image-center"], 1)] == ["tool + 1 click at the image centre"]
+
+
+def test_format_valid_and_first_click_in_target_read_the_trajectory():
+    gt = np.zeros((10, 10), bool)
+    gt[2:5, 2:5] = True
+    traj = Trajectory("segment the spot", (10, 10), ["spot"])
+    assert format_valid(traj) == 0.0 and not first_click_in_target(traj, gt)
+    traj.steps.append(Step(0, "garbled", error="no <action> section"))
+    traj.steps.append(Step(1, "ok", action=Action((Click(3.5, 3.5, False, "spot"),))))
+    traj.steps.append(Step(2, "ok", action=Action((Click(3.5, 3.5, True, "spot"),))))
+    assert format_valid(traj) == pytest.approx(2 / 3)
+    assert not first_click_in_target(traj, gt)  # the first click is negative, though on the target
+    del traj.steps[1]
+    assert first_click_in_target(traj, gt)
+    traj.steps[1].action = Action((Click(8.5, 8.5, True, "spot"), Click(3.5, 3.5, True, "spot")))
+    assert not first_click_in_target(traj, gt)  # only the first click counts
 
 
 def test_box_clicks_drop_corners_outside_the_image():

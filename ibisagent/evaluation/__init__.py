@@ -1,4 +1,4 @@
-"""Evaluation: benchmark readers (`benchmarks`), the runner of the agent and its baselines (`runner`) and the
+"""Evaluation: benchmark readers (`cases`), the runner of the agent and its baselines (`runner`) and the
 reports (`report`: tables, plots, one self-contained HTML page). The `ibisagent eval` command drives all three."""
 
 from ibisagent.evaluation.cases import JSON_SCHEMA, BenchmarkError, Case, load_benchmark

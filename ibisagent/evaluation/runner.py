@@ -7,10 +7,15 @@ the tool-alone baselines produce the same trajectory record and are scored by th
 * ``oracle``: `ibisagent.policies.OraclePolicy`, the click simulator with the ground truth: the upper bound.
 * ``center``: the tool alone with one fixed positive click at the ground truth's deepest pixel (the maximum of its
   distance transform, the image border counting as outside; `ibisagent.simulator.next_click` on an empty mask).
+  It knows where the target is; ``image-center`` does not.
+* ``image-center``: the tool alone with one fixed positive click at the image's centre pixel, wherever the target
+  is: what a click that knows nothing of the instruction gets.
 * ``box``:    the tool alone with a ground-truth box. `SegmentationTool.predict` takes clicks only, so the box is
   given as box-derived clicks: one positive click at the box centre and four negative clicks just outside its
   corners (dropped where the box touches the image border). Named "box (clicks)" in reports for that reason.
 
+Besides the mask metrics, every row says whether the method's output followed the grammar (``format_valid``: the
+share of steps whose text parsed) and whether its first click was positive and on the target (``click_in_target``).
 Each run writes `results.csv` (one row per case × method, appended and flushed as cases finish, so an interrupted
 run resumes where it stopped), the final mask of every case as PNG and its trajectory as JSON.
 """
@@ -33,14 +38,14 @@ from ibisagent.evaluation.cases import BenchmarkError, Case
 from ibisagent.grammar import Grammar
 from ibisagent.io import write_mask
 from ibisagent.loop import run_episode
-from ibisagent.metrics import dice, entity_f1, iou, iou_at, noc
+from ibisagent.metrics import click_in_target, dice, entity_f1, iou, iou_at, noc
 from ibisagent.policies.base import Observation, Policy
 from ibisagent.simulator import next_click
 from ibisagent.tools.base import SegmentationTool
 from ibisagent.trajectory import Trajectory
 from ibisagent.types import Action, Click
 
-BASELINES = ("oracle", "box", "center")
+BASELINES = ("oracle", "box", "center", "image-center")
 K_CLICKS = (1, 3, 5, 10)
 FAILURES = ("no_mask", "invalid_output", "policy_error", "error")
 RESULT_FIELDS = (
@@ -62,6 +67,8 @@ RESULT_FIELDS = (
     *(f"iou_at{k}" for k in K_CLICKS),
     "steps",
     "clicks",
+    "format_valid",
+    "click_in_target",
     "stop_reason",
     "failure",
     "error",
@@ -72,8 +79,8 @@ RESULT_FIELDS = (
     "mask",
     "trajectory",
 )
-_FLOATS = ("iou", "dice", "f1", *(f"iou_at{k}" for k in K_CLICKS), "seconds", "encode_seconds")
-_INTS = ("tp", "fp", "fn", "gt_empty", "pred_empty", "noc85", "noc90", "steps", "clicks")
+_FLOATS = ("iou", "dice", "f1", *(f"iou_at{k}" for k in K_CLICKS), "format_valid", "seconds", "encode_seconds")
+_INTS = ("tp", "fp", "fn", "gt_empty", "pred_empty", "noc85", "noc90", "steps", "clicks", "click_in_target")
 _LISTS = ("step_iou", "click_iou")
 
 
@@ -109,8 +116,16 @@ class FixedClicksPolicy:
 
 
 def center_click(gt: np.ndarray, target: str) -> Click | None:
-    """The single 'centre' click: positive, at the deepest pixel of `gt` (HxW bool); None for an empty mask."""
+    """The single click of the ``center`` baseline: positive, at the deepest pixel of `gt` (HxW bool); None for an
+    empty mask."""
     return next_click(np.zeros(gt.shape, bool), gt, target=target)
+
+
+def image_center_click(shape: tuple[int, int], target: str) -> Click:
+    """The single click of the ``image-center`` baseline: positive, at the centre of pixel (H // 2, W // 2) of an
+    image of `shape` (H, W), (x, y) = (W // 2 + 0.5, H // 2 + 0.5)."""
+    h, w = shape
+    return Click(w // 2 + 0.5, h // 2 + 0.5, True, target)
 
 
 def box_clicks(gt: np.ndarray, target: str) -> list[Click]:
@@ -157,10 +172,21 @@ def baseline_methods(names: Sequence[str], max_steps: int, oracle_stop_iou: floa
             out.append(
                 Method(
                     "center",
-                    "tool + 1 centre click",
+                    "tool + 1 click at the gt's centre",
                     lambda case, gt: FixedClicksPolicy(
                         [c for c in [center_click(gt, case.target)] if c is not None],
                         "One positive click at the centre of the ground truth.",
+                    ),
+                    1,
+                )
+            )
+        elif name == "image-center":
+            out.append(
+                Method(
+                    "image-center",
+                    "tool + 1 click at the image centre",
+                    lambda case, gt: FixedClicksPolicy(
+                        [image_center_click(gt.shape, case.target)], "One positive click at the centre of the image."
                     ),
                     1,
                 )
@@ -208,6 +234,18 @@ def iou_curves(trajectory: Trajectory, gt: np.ndarray) -> tuple[list[float], lis
     return step_iou, click_iou
 
 
+def first_click_in_target(trajectory: Trajectory, gt: np.ndarray) -> bool:
+    """True when the first click of the episode is positive and lies on `gt` (HxW bool); False without clicks."""
+    first = next((c for s in trajectory.steps if s.action is not None for c in s.action.clicks), None)
+    return first is not None and first.positive and click_in_target(first, gt)
+
+
+def format_valid(trajectory: Trajectory) -> float:
+    """The share of the trajectory's steps whose text parsed into an action (0.0 for no steps)."""
+    steps = trajectory.steps
+    return sum(s.error is None for s in steps) / len(steps) if steps else 0.0
+
+
 def score(trajectory: Trajectory | None, gt: np.ndarray, noc_max: int) -> dict:
     """The metrics of one case from its trajectory (None: the method crashed before producing one)."""
     pred = trajectory.final_mask if trajectory is not None else np.zeros(gt.shape, bool)
@@ -229,6 +267,8 @@ def score(trajectory: Trajectory | None, gt: np.ndarray, noc_max: int) -> dict:
         **{f"iou_at{k}": iou_at(click_iou, k) for k in K_CLICKS},
         "steps": len(trajectory.steps) if trajectory is not None else 0,
         "clicks": len(click_iou),
+        "format_valid": format_valid(trajectory) if trajectory is not None else 0.0,
+        "click_in_target": int(trajectory is not None and first_click_in_target(trajectory, gt)),
         "step_iou": step_iou,
         "click_iou": click_iou,
         "pred": pred,
@@ -446,7 +486,8 @@ def _error_row(case: Case, method: Method, message: str, out_dir: Path, noc_max:
     row = {"case_id": case.case_id, "method": method.name, "modality": case.modality, "target": case.target}
     row.update(question=case.question, iou=0.0, dice=0.0, f1=0.0, tp=0, fp=0, fn=1, gt_empty=0, pred_empty=1)
     row.update(noc85=noc_max + 1, noc90=noc_max + 1, **{f"iou_at{k}": 0.0 for k in K_CLICKS})
-    row.update(steps=0, clicks=0, stop_reason="error", failure="error", error=" ".join(message.split())[:300])
+    row.update(steps=0, clicks=0, format_valid=0.0, click_in_target=0)
+    row.update(stop_reason="error", failure="error", error=" ".join(message.split())[:300])
     row.update(seconds=0.0, encode_seconds=0.0, step_iou=[0.0], click_iou=[], mask="", trajectory="")
     return row
 

@@ -4,25 +4,18 @@ and both scripts end to end."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-@pytest.fixture
-def learning_proof(monkeypatch):
-    """benchmarks/learning_proof.py as a module."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "learning_proof.py"
-    spec = importlib.util.spec_from_file_location("learning_proof", path)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "learning_proof", module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from experiments import grounding_probe, learning_proof
+from ibisagent.evaluation.runner import center_click, read_results
+from ibisagent.io import read_mask
+from ibisagent.trajectory import Trajectory
+from ibisagent_training.synthetic import write_synthetic_dataset
 
 
-def test_learning_proof_criteria(learning_proof):
+def test_learning_proof_criteria():
     """The acceptance checks: RL's gain must beat the larger of the two rows' spread over seeds, per metric."""
 
     def rows(iou, hit, fv=1.0):
@@ -44,14 +37,14 @@ def test_learning_proof_criteria(learning_proof):
     assert "gain +0.017" in line and "seed spread 0.024" in line and "+0.050, -0.030, +0.030" in line
 
 
-def test_learning_proof_training_rise_averages_the_first_and_last_steps(learning_proof):
+def test_learning_proof_training_rise_averages_the_first_and_last_steps():
     rates = [0.0] * 10 + [0.5] * 5 + [1.0] * 10
     curves = {0: [{"click_in_target": r} for r in rates], 3: [{"click_in_target": 0.25}] * 4}
     line = learning_proof.training_rise(curves)
     assert line.endswith(": 0.000 -> 1.000, 0.250 -> 0.250")
 
 
-def test_learning_proof_script_runs_end_to_end(tmp_path, learning_proof):
+def test_learning_proof_script_runs_end_to_end(tmp_path):
     """The learning-proof benchmark at toy size (a few steps): every phase runs, the grounding probe stops the
     first-click phase once its target is met, the table and curves are written, and the baselines order as they
     must (oracle above a random object above the image centre is not guaranteed on 6 images, but the oracle is above
@@ -92,17 +85,38 @@ def test_learning_proof_script_runs_end_to_end(tmp_path, learning_proof):
     assert "training episodes' click-in-target" in table
 
 
-def test_grounding_probe_script_runs(capsys, monkeypatch):
-    """The grounding probe trains, evaluates through the grammar and reports its figures (a few seconds' run)."""
-    import importlib.util
-    import re
-    from pathlib import Path
+def test_learning_proof_baselines_are_the_evaluation_runners(tmp_path):
+    """The baseline rows come from the evaluation runner: "centre click" is its image-center baseline (the image's
+    centre pixel, wherever the target is), "random object" clicks the deepest pixel of one object of the image, and
+    the rows average the runner's per-case metrics."""
+    shapes = tmp_path / "shapes"
+    kw = dict(size=112, shapes=learning_proof.SHAPES, appearances=learning_proof.APPEARANCES)
+    write_synthetic_dataset(shapes, 4, 0, objects=(1, 3), split="test", **kw)
+    (tmp_path / "instructions.json").write_text(json.dumps(learning_proof.LIBRARY))
+    held_out = learning_proof.held_out_cases(shapes, tmp_path / "instructions.json")
+    assert all(c.question.lower() == f"segment the {c.target}" for c in held_out.cases)
+    out = tmp_path / "eval"
+    results = learning_proof.evaluate_baselines(held_out, 0, 4, out)
+    assert list(results) == ["centre click", "random object", "oracle"]
+    rows = read_results(out / "results.csv")
+    for row, method in learning_proof.BASELINES.items():
+        mine = [r for r in rows if r["method"] == method]
+        assert len(mine) == len(held_out.cases)
+        assert results[row]["iou"] == pytest.approx(sum(r["iou"] for r in mine) / len(mine))
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "grounding_probe.py"
-    monkeypatch.syspath_prepend(str(path.parent))  # as when the script runs: it imports the learning proof's plan
-    spec = importlib.util.spec_from_file_location("grounding_probe", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    def first_click(method, case):
+        return Trajectory.from_json(out / "trajectories" / method / f"{case.case_id}.json").steps[0].action.clicks[0]
+
+    for case in held_out.cases:
+        centre = first_click("image-center", case)
+        assert (centre.x, centre.y) == (56.5, 56.5)
+        objects = [read_mask(m) for m in held_out.objects[case.case_id]]
+        assert first_click("random-object", case) in [center_click(m, case.target) for m in objects]
+
+
+def test_grounding_probe_script_runs(capsys):
+    """The grounding probe trains, evaluates through the grammar and reports its figures (a few seconds' run)."""
+    module = grounding_probe
     assert (
         module.main(["--pixels", "28", "--seconds", "3", "--batch", "4", "--eval-every", "2", "--test-images", "8"])
         == 0

@@ -3,12 +3,13 @@
 Synthetic shapes in BiomedParse layout (`ibisagent_training.synthetic`) -> trajectories simulated with the classical
 tool in the loop (`ibisagent_training.generate`) -> a tiny Qwen2.5-VL built from a config, trained by our SFT
 (`ibisagent_training.sft`, trl) and then our multi-turn GRPO (`ibisagent_training.grpo`) -> evaluated on held-out
-images through the product's inference path (`HFVLMPolicy` greedy + `run_episode` + the classical tool), next to fixed
-baselines (click the image centre; click a random object of the image; the oracle).
+images by the evaluation runner (`ibisagent.evaluation.runner`: `HFVLMPolicy` greedy in `run_episode` with the
+classical tool, the runner's metrics), next to baselines: the runner's image-center click (the row "centre click")
+and oracle, and one click on a random object of the image.
 
 Run (CPU; the seeds run side by side, one process each, `--jobs N` to choose; an interrupted run continues, and a
 run whose phases are already on disk reuses them, e.g. to try RL settings from the same SFT models):
-    .venv/bin/python benchmarks/learning_proof.py --out proof-cpu
+    .venv/bin/python -m experiments.learning_proof --out proof-cpu
 Measured on 2 cores at this CPU plan, 3 seeds side by side, 400 held-out cases (200 images); the table ends with the
 four checks, and each seed's first-click probe is in seed<k>/probe.jsonl, its times in seed<k>/timing.json.
 - Seeds 0-2 (the default): 47.5 minutes, data included (68 s). The probe's hit rate stayed at 0.3 or below for the
@@ -44,10 +45,11 @@ the target far less often than greedily: over RL the training episodes' rate ris
 six seeds of the two runs above (the table's last line; the moving mean in reward_curves.png), still rising at
 step 60.
 GPU mode (larger model, more steps; for a lent GPU machine):
-    .venv/bin/python benchmarks/learning_proof.py --mode gpu --out proof-gpu
+    .venv/bin/python -m experiments.learning_proof --mode gpu --out proof-gpu
 
-Writes <out>/results.json, <out>/table.md (mean ± std over seeds) and <out>/reward_curves.png, and prints the table.
-Choices that make spatial grounding learnable from scratch (see benchmarks/grounding_probe.py for the measurement):
+Writes <out>/results.json, <out>/table.md (mean ± std over seeds) and <out>/reward_curves.png, and prints the table;
+each evaluation's per-case rows, masks and trajectories are in <out>/seed<k>/eval/<row>/ (the runner's results.csv).
+Choices that make spatial grounding learnable from scratch (see experiments/grounding_probe.py for the measurement):
 one image token per image (the 112 px images are shown at 28 px: Qwen2.5-VL's patch embedding and 2x2 merger then
 hold each pixel's place explicitly, whereas across a grid of image tokens only the rotary offsets tell tokens apart,
 which a model this small did not learn in 958 steps at 4x4 tokens), two-decimal coordinates in the released
@@ -62,12 +64,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ibisagent.evaluation.cases import Case
+from ibisagent.evaluation.runner import (
+    FixedClicksPolicy,
+    Method,
+    agent_method,
+    baseline_methods,
+    center_click,
+    evaluate,
+)
+from ibisagent.io import read_mask
+from ibisagent.tools.classical import ClassicalTool
+from ibisagent_training.prompts import InstructionLibrary
 
 SHAPES = ("disc", "ellipse", "square", "rectangle", "triangle")  # no ring: its centre is background
 APPEARANCES = ("bright", "dark")
@@ -197,119 +215,86 @@ def make_data(out: Path, plan: Plan) -> dict:
     return {"shapes": shapes, "templates": out / "templates", "instructions": out / "instructions.json"}
 
 
-def test_cases(shapes: Path, instructions: Path, split: str = "test") -> list[dict]:
-    """Every object of every image of a held-out split: image, target name, the instruction (from the same
-    instruction library as training), its mask and the image's other masks."""
-    import random
+@dataclass
+class HeldOut:
+    """A held-out split as evaluation cases (one per object of each image, in file order), and per case id the mask
+    files of all the objects of its image (the random-object baseline's choice)."""
 
-    from ibisagent.io import read_image, read_mask
-    from ibisagent_training.prompts import InstructionLibrary
+    cases: list[Case]
+    objects: dict[str, list[Path]]
 
+
+def held_out_cases(shapes: Path, instructions: Path, split: str = "test") -> HeldOut:
+    """Every object of every image of a held-out split as an evaluation case, its question an instruction from the
+    same instruction library as training."""
     library = InstructionLibrary.from_file(instructions)
-
     doc = json.loads((shapes / f"{split}.json").read_text())
     by_image: dict[int, list[dict]] = {}
     for a in doc["annotations"]:
         by_image.setdefault(a["image_id"], []).append(a)
-    cases = []
+    held_out = HeldOut([], {})
     for im in doc["images"]:
-        image = read_image(shapes / split / im["file_name"])
-        masks = {
-            a["target"]: read_mask(shapes / f"{split}_mask" / a["mask_file"], image.shape[:2])
-            for a in by_image[im["id"]]
-        }
-        for a in by_image[im["id"]]:
-            cases.append(
-                {
-                    "image": image,
-                    "target": a["target"],
-                    "instruction": library.initial(a["target"], "Synthetic", random.Random(a["id"])).text,
-                    "gt": masks[a["target"]],
-                    "all": list(masks.values()),
-                    "objects": len(masks),
-                }
+        masks = [shapes / f"{split}_mask" / a["mask_file"] for a in by_image[im["id"]]]
+        for a, mask in zip(by_image[im["id"]], masks):
+            question = library.initial(a["target"], "Synthetic", random.Random(a["id"])).text
+            case = Case(
+                mask.stem, question, a["target"], "Synthetic", shapes / split / im["file_name"], mask, "biomedparse"
             )
-    return cases
+            held_out.cases.append(case)
+            held_out.objects[case.case_id] = masks
+    return held_out
 
 
-# -- evaluation ----------------------------------------------------------------------------------------------------------
-def evaluate_policy(policy, cases: list[dict], max_steps: int) -> dict:
-    """Greedy episodes through the agent loop with the classical tool; per-case metrics averaged."""
-    from ibisagent.episode import Episode
-    from ibisagent.loop import run_episode
-    from ibisagent.metrics import click_in_target, dice, iou
-    from ibisagent.tools.classical import ClassicalTool
-
-    tool = ClassicalTool()
-    rows = []
-    for case in cases:
-        episode = Episode(tool, case["image"], [case["target"]], max_steps=max_steps)
-        traj = run_episode(policy, episode, case["instruction"], gt={case["target"]: case["gt"]})
-        final = traj.final_masks.get(case["target"], np.zeros(case["gt"].shape, bool))
-        clicks = [c for s in traj.steps if s.action for c in s.action.clicks]
-        first = clicks[0] if clicks else None
-        rows.append(
-            {
-                "format_valid": float(np.mean([s.error is None for s in traj.steps])) if traj.steps else 0.0,
-                "click_in_target": float(first is not None and first.positive and click_in_target(first, case["gt"])),
-                "iou": iou(final, case["gt"]),
-                "dice": dice(final, case["gt"]),
-                "steps": float(len(traj.steps)),
-            }
-        )
-    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+# -- evaluation: the evaluation runner's episodes, baselines and metrics ---------------------------------------------
+METRICS = ("format_valid", "click_in_target", "iou", "dice", "steps")
+BASELINES = {"centre click": "image-center", "random object": "random-object", "oracle": "oracle"}  # row: method
 
 
-BASELINES = {"centre click": "centre", "random object": "random_object", "oracle": "oracle"}  # table row: baseline
+def _means(rows: list[dict], method: str) -> dict:
+    mine = [r for r in rows if r["method"] == method]
+    return {k: float(np.mean([r[k] for r in mine])) for k in METRICS}
 
 
-def evaluate_baseline(name: str, cases: list[dict], seed: int, max_steps: int) -> dict:
-    """centre: one positive click at the image centre; random_object: one positive click at the deepest point of a
-    randomly chosen object of the image; oracle: the simulator's clicks until IoU 0.9 or max_steps."""
-    from ibisagent.episode import Episode
-    from ibisagent.loop import run_episode
-    from ibisagent.metrics import click_in_target, dice, iou
-    from ibisagent.policies.oracle import OraclePolicy
-    from ibisagent.simulator import next_click
-    from ibisagent.tools.classical import ClassicalTool
-    from ibisagent.types import Action, Click
+def _afresh(folder: Path) -> Path:
+    # A reused phase may hold another model than the one evaluated into this folder before: never resume.
+    shutil.rmtree(folder, ignore_errors=True)
+    return folder
 
-    tool = ClassicalTool()
+
+def evaluate_policy(policy, cases: list[Case], max_steps: int, out: Path) -> dict:
+    """Greedy episodes of `policy` run by the evaluation runner with the classical tool into `out` (results.csv,
+    masks, trajectories; emptied first); the runner's per-case metrics (METRICS) averaged over the cases."""
+    rows = evaluate(cases, [agent_method(policy, max_steps)], ClassicalTool(), _afresh(out), progress=False)
+    return _means(rows, "agent")
+
+
+def random_object_method(held_out: HeldOut, seed: int) -> Method:
+    """The tool alone with one positive click at the deepest pixel of a randomly chosen object of the case's image
+    (the target or another; drawn per case, in case order, from a generator seeded with `seed`)."""
     rng = np.random.default_rng(seed)
-    rows = []
-    for case in cases:
-        gt, h, w = case["gt"], *case["gt"].shape
-        if name == "oracle":
-            episode = Episode(tool, case["image"], [case["target"]], max_steps=max_steps)
-            traj = run_episode(OraclePolicy({case["target"]: gt}, DIALECT), episode, case["instruction"])
-            final, steps = traj.final_masks[case["target"]], len(traj.steps)
-            first = traj.steps[0].action.clicks[0]
-        else:
-            if name == "centre":
-                first = Click(w / 2, h / 2, True, case["target"])
-            else:
-                other = case["all"][int(rng.integers(len(case["all"])))]
-                c = next_click(np.zeros((h, w), bool), other)
-                first = Click(c.x, c.y, True, case["target"])
-            episode = Episode(tool, case["image"], [case["target"]], max_steps=2)
-            episode.apply(Action((first,)))
-            final, steps = episode.state.masks[case["target"]], 2
-        rows.append(
-            {
-                "format_valid": 1.0,
-                "click_in_target": float(click_in_target(first, gt)),
-                "iou": iou(final, gt),
-                "dice": dice(final, gt),
-                "steps": float(steps),
-            }
-        )
-    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    chosen = {case_id: objects[int(rng.integers(len(objects)))] for case_id, objects in held_out.objects.items()}
+
+    def policy_for(case: Case, gt: np.ndarray) -> FixedClicksPolicy:
+        click = center_click(read_mask(chosen[case.case_id], gt.shape), case.target)
+        return FixedClicksPolicy([click], "One positive click at the centre of a random object of the image.")
+
+    return Method("random-object", "tool + 1 click on a random object", policy_for, 1)
+
+
+def evaluate_baselines(held_out: HeldOut, seed: int, max_steps: int, out: Path) -> dict:
+    """The baseline rows (BASELINES) run by the evaluation runner into `out`: its image-center baseline (one
+    positive click at the image centre), a random object (`random_object_method`) and its oracle (the simulator's
+    clicks until IoU 0.9 or max_steps)."""
+    methods = baseline_methods(["image-center"], max_steps)
+    methods += [random_object_method(held_out, seed), *baseline_methods(["oracle"], max_steps)]
+    rows = evaluate(held_out.cases, methods, ClassicalTool(), _afresh(out), progress=False)
+    return {row: _means(rows, name) for row, name in BASELINES.items()}
 
 
 # -- training ------------------------------------------------------------------------------------------------------------
-def grounding_stop(cases: list[dict], templates: Path, every: int, target: float, log: Path):
+def grounding_stop(cases: list[Case], templates: Path, every: int, target: float, log: Path):
     """A trainer callback: every `every` steps, the greedy first click on each probe case (one step through the
-    agent loop, as `evaluate_policy`); appends {"step", "click_in_target", "format_valid"} to `log` (JSON lines) and
+    evaluation runner, as `evaluate_policy`, into a temporary folder); appends {"step", "click_in_target", "format_valid"} to `log` (JSON lines) and
     stops training once click_in_target >= target."""
     from transformers import TrainerCallback
 
@@ -321,7 +306,8 @@ def grounding_stop(cases: list[dict], templates: Path, every: int, target: float
                 return
             model.eval()
             policy = HFVLMPolicy(model, processing_class, dialect=DIALECT, template_dir=templates, max_new_tokens=80)
-            probe = evaluate_policy(policy, cases, max_steps=1)
+            with tempfile.TemporaryDirectory() as folder:
+                probe = evaluate_policy(policy, cases, 1, Path(folder))
             model.train()
             record = {"step": state.global_step, **{k: probe[k] for k in ("click_in_target", "format_valid")}}
             with open(log, "a") as f:
@@ -443,9 +429,6 @@ def load_policy(folder: Path, templates: Path):
 
 
 # -- report --------------------------------------------------------------------------------------------------------------
-METRICS = ("format_valid", "click_in_target", "iou", "dice", "steps")
-
-
 def _mean_std(per_seed: list[dict], metric: str) -> tuple[float, float]:
     v = np.array([r[metric] for r in per_seed])
     return float(v.mean()), float(v.std())
@@ -528,9 +511,10 @@ def plot_curves(curves: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def run_seed(seed: int, plan: Plan, out: Path, data: dict, cases: list[dict], step_mode: bool) -> dict:
+def run_seed(seed: int, plan: Plan, out: Path, data: dict, held_out: HeldOut, step_mode: bool) -> dict:
     """One seed: build, evaluate untrained, SFT, evaluate, GRPO, evaluate, baselines; optionally a short step-mode run
-    for its steps/s. Writes and returns seed<k>/results.json ({"results": {row: metrics}, "timing": {...}})."""
+    for its steps/s. Writes and returns seed<k>/results.json ({"results": {row: metrics}, "timing": {...}}); each
+    evaluation's results.csv, masks and trajectories are in seed<k>/eval/<row> (the baselines' in eval/baselines)."""
     from ibisagent.testing import build_tiny_qwen2_5_vl
 
     t0 = time.perf_counter()
@@ -544,13 +528,16 @@ def run_seed(seed: int, plan: Plan, out: Path, data: dict, cases: list[dict], st
         build_tiny_qwen2_5_vl(
             root / "init", seed=seed, min_pixels=plan.pixels**2, max_pixels=plan.pixels**2, **plan.model
         )
-    results["untrained"] = evaluate_policy(load_policy(root / "init", data["templates"]), cases, plan.eval_max_steps)
+    cases, evals = held_out.cases, root / "eval"
+    results["untrained"] = evaluate_policy(
+        load_policy(root / "init", data["templates"]), cases, plan.eval_max_steps, evals / "untrained"
+    )
     if not (root / "sft-single" / "config.json").is_file():
         callbacks = None
         if plan.sft_probe_images:
             log = root / "probe.jsonl"
             log.unlink(missing_ok=True)
-            probe = test_cases(data["shapes"], data["instructions"], "probe")
+            probe = held_out_cases(data["shapes"], data["instructions"], "probe").cases
             callbacks = [grounding_stop(probe, data["templates"], plan.sft_probe_every, plan.sft_probe_target, log)]
         timing["sft_single_seconds"], timing["sft_single_steps"] = run_sft(
             root / "init",
@@ -582,7 +569,9 @@ def run_seed(seed: int, plan: Plan, out: Path, data: dict, cases: list[dict], st
             sft_steps=timing.get("sft_single_steps", plan.sft_single_steps) + plan.sft_multi_steps,
         )
         saved.write_text(json.dumps(timing))
-    results["SFT"] = evaluate_policy(load_policy(root / "sft", data["templates"]), cases, plan.eval_max_steps)
+    results["SFT"] = evaluate_policy(
+        load_policy(root / "sft", data["templates"]), cases, plan.eval_max_steps, evals / "SFT"
+    )
     print(f"seed {seed} SFT: {results['SFT']}", flush=True)
     if not (root / "rl" / "config.json").is_file():
         t_rl = time.perf_counter()
@@ -590,10 +579,11 @@ def run_seed(seed: int, plan: Plan, out: Path, data: dict, cases: list[dict], st
         rl_seconds = time.perf_counter() - t_rl
         timing.update(rl_seconds=rl_seconds, rl_steps_per_second=plan.rl_steps / rl_seconds)
         saved.write_text(json.dumps(timing))
-    results["SFT+RL"] = evaluate_policy(load_policy(root / "rl", data["templates"]), cases, plan.eval_max_steps)
+    results["SFT+RL"] = evaluate_policy(
+        load_policy(root / "rl", data["templates"]), cases, plan.eval_max_steps, evals / "SFT+RL"
+    )
     print(f"seed {seed} SFT+RL: {results['SFT+RL']}", flush=True)
-    for name, baseline in BASELINES.items():
-        results[name] = evaluate_baseline(baseline, cases, seed, plan.eval_max_steps)
+    results.update(evaluate_baselines(held_out, seed, plan.eval_max_steps, evals / "baselines"))
     if step_mode and plan.step_mode_steps and "step_mode_steps_per_second" not in timing:
         t_step = time.perf_counter()
         run_grpo(root / "sft", root / "rl-step", data, plan, seed, "step", plan.step_mode_steps, out / "traj-multi")
@@ -655,12 +645,12 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     data = make_data(out, plan)
-    cases = test_cases(data["shapes"], data["instructions"])
-    print(f"data: {len(cases)} held-out cases, {time.perf_counter() - t_start:.0f} s", flush=True)
+    held_out = held_out_cases(data["shapes"], data["instructions"])
+    print(f"data: {len(held_out.cases)} held-out cases, {time.perf_counter() - t_start:.0f} s", flush=True)
     jobs = args.jobs or len(args.seeds)  # one thread each is as fast as two for this model: all at once is soonest
     if args.worker or jobs <= 1:
         records = {
-            s: run_seed(s, plan, out, data, cases, step_mode=s == args.seeds[0] and not args.no_step_mode)
+            s: run_seed(s, plan, out, data, held_out, step_mode=s == args.seeds[0] and not args.no_step_mode)
             for s in args.seeds
         }
         if args.worker:
@@ -703,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
                 "total_seconds": total,
                 "jobs": jobs,
                 "cores": os.cpu_count(),
-                "cases": len(cases),
+                "cases": len(held_out.cases),
                 "criteria": [{"check": line, "met": ok} for line, ok in checks],
             },
             indent=1,

@@ -11,8 +11,8 @@ The pixel budget sets the image-token count: the 112 px images are resized to `p
 one token per 28 x 28 pixels, so 28 -> 1 token, 56 -> 4, 112 -> 16.
 
 Measured on this project's 2-core machine (one process per budget side by side, OMP_NUM_THREADS=1):
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/grounding_probe.py --pixels 28 --seconds 600 &
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/grounding_probe.py --pixels 112 --seconds 600
+    OMP_NUM_THREADS=1 .venv/bin/python -m experiments.grounding_probe --pixels 28 --seconds 600 &
+    OMP_NUM_THREADS=1 .venv/bin/python -m experiments.grounding_probe --pixels 112 --seconds 600
 Prints one row per evaluation and a final summary line.
 """
 
@@ -25,7 +25,14 @@ import sys
 import time
 
 import numpy as np
-from learning_proof import APPEARANCES, DIALECT, PLANS, SHAPES  # benchmarks/ is on sys.path when a script runs
+from PIL import Image
+
+from experiments.learning_proof import APPEARANCES, DIALECT, PLANS, SHAPES
+from ibisagent.grammar import ActionParseError, Grammar
+from ibisagent.metrics import click_in_target
+from ibisagent.simulator import next_click
+from ibisagent.testing import build_tiny_qwen2_5_vl
+from ibisagent_training.synthetic import generate_image
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,12 +40,6 @@ def main(argv: list[str] | None = None) -> int:
 
     ensure_torchvision()
     import torch
-    from PIL import Image
-
-    from ibisagent.grammar import ActionParseError, Grammar
-    from ibisagent.simulator import next_click
-    from ibisagent.testing import build_tiny_qwen2_5_vl
-    from ibisagent_training.synthetic import generate_image
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pixels", type=int, default=28, help="image side after resizing (a multiple of 28)")
@@ -111,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                         click = grammar.parse_action(text.strip(), (n, n)).clicks[0]
                     except (ActionParseError, IndexError):
                         continue  # an unparsable line is a miss
-                    row, col = click.pixel(n, n)
-                    hits += bool(mask[row, col])
+                    hits += click_in_target(click, mask)
                     errors.append(math.hypot(click.x - gold.x, click.y - gold.y) / n)
         model.train()
         return hits / len(test), float(np.mean(errors)) if errors else float("nan")
