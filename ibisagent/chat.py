@@ -219,8 +219,3 @@ def generation_kwargs(
         kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
     return kwargs
 
-
-def pad_token_id(processor: Any) -> int | None:
-    """The id that pads a batch: the tokenizer's pad token, else its eos token (Qwen's tokenizers have both)."""
-    tokenizer = processor.tokenizer
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

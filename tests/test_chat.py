@@ -23,9 +23,9 @@ from ibisagent.episode import Episode  # noqa: E402
 from ibisagent.loop import run_episode  # noqa: E402
 from ibisagent.policies.hf_vlm import HFVLMPolicy  # noqa: E402
 from ibisagent.tools import build_tool  # noqa: E402
-from ibisagent.trajectory import Trajectory  # noqa: E402
-from ibisagent_training.generate import VARIANTS, GenerateConfig, generate, iter_kept  # noqa: E402
+from ibisagent_training.generate import GenerateConfig, generate  # noqa: E402
 from ibisagent_training.grpo import RolloutPolicy  # noqa: E402
+from ibisagent_training.records import VARIANTS, TrajectoryRecord, iter_kept  # noqa: E402
 from ibisagent_training.sft import ConversationBuilder, encode  # noqa: E402
 from ibisagent_training.synthetic import write_synthetic_dataset  # noqa: E402
 
@@ -38,7 +38,7 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory) -> dict[str, dict]:
+def records(tmp_path_factory) -> dict[str, TrajectoryRecord]:
     """One kept record per variant, each with at least two steps."""
     root = tmp_path_factory.mktemp("chat")
     write_synthetic_dataset(root / "shapes", 4, seed=0, size=112, objects=(2, 2))
@@ -48,8 +48,8 @@ def records(tmp_path_factory) -> dict[str, dict]:
     generate(root / "shapes", root / "traj", config, progress=False)
     out = {}
     for r in iter_kept(root / "traj"):
-        if r["variant"] not in out and len(r["trajectory"]["steps"]) >= 2:
-            out[r["variant"]] = r
+        if r.variant not in out and r.num_steps >= 2:
+            out[r.variant] = r
     assert set(out) == set(VARIANTS), f"no multi-step record of some variant: found {sorted(out)}"
     return out
 
@@ -74,13 +74,13 @@ class _Scripted(HFVLMPolicy):
         return self.processor.tokenizer(text, add_special_tokens=False)["input_ids"], {}
 
 
-def _play(policy, record: dict, instruction: str):
+def _play(policy, record: TrajectoryRecord, instruction: str):
     """Run the record's episode (same image, target and initial mask) with `policy` through the agent loop."""
     from ibisagent.io import read_image
 
-    traj = Trajectory.from_dict(record["trajectory"])
-    image = read_image(record["image"])
-    target = record["target"]
+    traj = record.load_trajectory()
+    image = read_image(record.image)
+    target = record.target
     initial = {target: traj.initial_masks[target]} if target in traj.initial_masks else None
     episode = Episode(build_tool("classical"), image, [target], initial_masks=initial, max_steps=len(traj.steps))
     return run_episode(policy, episode, instruction)
@@ -107,7 +107,7 @@ def test_sft_conversation_is_what_the_policy_sees(tiny, records, variant, histor
         if history == "full"
         else [
             ConversationBuilder(history="full", seed=3).build(record)[0].assistant_texts[k]
-            for k in range(len(record["trajectory"]["steps"]))
+            for k in range(record.num_steps)
         ]
     )
     policy = _Scripted(model, processor, answers, history=history)
@@ -163,7 +163,7 @@ def test_grpo_rollout_holds_the_tokens_the_policy_sees(tiny, records):
     _play(policy, record, conv.instruction)
     sampler = _ScriptedSampler(processor, answers)
     rollout_policy = RolloutPolicy(sampler, 0, PromptTemplates.load(), pixel_budget(processor, None, None))
-    rollout_policy.start(conv.instruction, [record["target"]])
+    rollout_policy.start(conv.instruction, [record.target])
     traj = _play(rollout_policy, record, conv.instruction)
     assert [s.text for s in traj.steps] == answers
     for seen, held in zip(policy.inputs, sampler.requests, strict=True):

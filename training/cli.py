@@ -8,6 +8,10 @@ import json
 import sys
 from pathlib import Path
 
+from . import grpo, sft
+from .data import write_coco_json
+from .generate import GenerateConfig, Shard, generate, merge_stats, run_summary, stats_markdown
+
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
     """One `--option` per dataclass field (underscores as dashes), with the field's help text and default."""
@@ -27,8 +31,6 @@ def _from_args(cls, args: argparse.Namespace):
 
 
 def _trajectories(args: argparse.Namespace) -> int:
-    from ibisagent_training.generate import GenerateConfig, Shard, generate
-
     config = _from_args(GenerateConfig, args)
     summary = generate(args.root, args.out, config, Shard.parse(args.shard), args.split, args.limit)
     print(json.dumps(summary, indent=1))
@@ -36,8 +38,6 @@ def _trajectories(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from ibisagent_training.generate import merge_stats, run_summary, stats_markdown
-
     for by in args.by:
         stats = merge_stats(args.folder, by)
         print(stats_markdown(stats, by) + "\n")
@@ -51,33 +51,17 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _coco_json(args: argparse.Namespace) -> int:
-    from ibisagent_training.data import write_coco_json
-
     print(f"wrote {write_coco_json(args.split_folder, args.out)}")
     return 0
 
 
-def _sft(argv: list[str]) -> int:
-    from ibisagent_training.sft import main as sft_main
-
-    return sft_main(argv)
-
-
-def _grpo(argv: list[str]) -> int:
-    from ibisagent_training.grpo import main as grpo_main
-
-    return grpo_main(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
-    from ibisagent_training.generate import GenerateConfig
-
     argv = list(sys.argv[1:] if argv is None else argv)
     # sft and grpo take their options from trl's parser (dataclasses + yaml), see `ibisagent-train sft --help`
     if argv[:1] == ["sft"]:
-        return _sft(argv[1:])
+        return sft.main(argv[1:])
     if argv[:1] == ["grpo"]:
-        return _grpo(argv[1:])
+        return grpo.main(argv[1:])
     parser = argparse.ArgumentParser(prog="ibisagent-train", description="IBISAgent training: data, SFT and RL.")
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("trajectories", help="simulate click trajectories over BiomedParse data (resumable, shardable)")

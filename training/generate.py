@@ -20,7 +20,6 @@ dataset with any scheduler, and `merge_stats` reads all shards.
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from collections import defaultdict
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+from tqdm import tqdm
 
 from ibisagent.episode import Episode
 from ibisagent.grammar import Grammar
@@ -37,10 +37,11 @@ from ibisagent.loop import run_episode
 from ibisagent.metrics import dice, iou
 from ibisagent.policies.base import Observation
 from ibisagent.policies.oracle import OraclePolicy
+from ibisagent.specs import ToolSpec
 from ibisagent.types import Action, Click
 
-VARIANTS = ("gold", "self_correction", "user_inconsistency")
-RECORD_VERSION = "1"
+from .data import BiomedParseDataset
+from .records import Appender, TrajectoryRecord, iter_kept, iter_records, read_records
 
 
 @dataclass
@@ -89,57 +90,6 @@ class Shard:
     @property
     def suffix(self) -> str:
         return f"{self.index:05d}-of-{self.count:05d}"
-
-
-# -- resumable JSONL ---------------------------------------------------------------------------------------------------
-def read_records(path: Path) -> list[dict]:
-    """Complete records of a JSONL file; a partly written last line (a killed writer) is ignored."""
-    if not path.exists():
-        return []
-    out = []
-    with path.open("rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return out
-
-
-def _truncate_to_complete(path: Path) -> None:
-    """Cut a JSONL file after its last complete, parseable line, so appending continues cleanly."""
-    if not path.exists():
-        return
-    good = 0
-    with path.open("rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break
-            try:
-                json.loads(line)
-            except json.JSONDecodeError:
-                break
-            good += len(line)
-    with path.open("r+b") as f:
-        f.truncate(good)
-
-
-class _Appender:
-    """Appends JSON lines and makes each durable before the next sample starts."""
-
-    def __init__(self, path: Path):
-        _truncate_to_complete(path)
-        self.f = path.open("a", encoding="utf-8")
-
-    def write(self, record: dict) -> None:
-        self.f.write(json.dumps(record, separators=(",", ":")) + "\n")
-        self.f.flush()
-        os.fsync(self.f.fileno())
-
-    def close(self) -> None:
-        self.f.close()
 
 
 # -- reflective variants -----------------------------------------------------------------------------------------------
@@ -306,11 +256,6 @@ def generate(
 ) -> dict:
     """Generate (or continue generating) this shard's trajectories into `out_dir`. Returns a small summary dict
     (written, skipped_existing, problems, seconds split into io/tool/simulator)."""
-    from tqdm import tqdm
-
-    from ibisagent.specs import ToolSpec
-    from ibisagent_training.data import BiomedParseDataset
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=1))
@@ -333,7 +278,7 @@ def generate(
     ]
 
     tool = ToolSpec(config.tool, config.checkpoint, config.config).build(config.device)
-    writer, problems = _Appender(data_path), _Appender(problems_path)
+    writer, problems = Appender(data_path), Appender(problems_path)
     timer, written, encoded = _Timer(), 0, None
     try:
         bar = tqdm(
@@ -374,17 +319,16 @@ def generate(
                 timer.tool += tool_s + encode_s
                 timer.simulator += sim_s
                 traj.meta.update(image=item["image_path"], mask=item["label_path"], variant=variant)
-                record = {
-                    "version": RECORD_VERSION,
+                record = TrajectoryRecord(
                     **{k: item[k] for k in ("id", "target", "modality", "site", "group", "sentences")},
-                    "image": item["image_path"],
-                    "mask": item["label_path"],
-                    "variant": variant,
+                    image=item["image_path"],
+                    mask=item["label_path"],
+                    variant=variant,
                     **_summary(traj, gt, target, config, variant),
-                    "seconds": {"encode": encode_s, "tool": tool_s, "simulator": sim_s},
-                    "trajectory": traj.to_dict(),
-                }
-                writer.write(record)
+                    seconds={"encode": encode_s, "tool": tool_s, "simulator": sim_s},
+                    trajectory=traj.to_dict(),
+                )
+                writer.write(record.to_json())
                 written += 1
             bar.update(1)
             t_io = time.perf_counter()
@@ -409,41 +353,27 @@ def generate(
 STAT_COLUMNS = ("samples", "trajectories", "qas", "avg_length", "avg_iou", "median_iou", "avg_dice", "median_dice")
 
 
-def shard_files(out_dir: str | Path) -> list[Path]:
-    files = sorted(Path(out_dir).glob("trajectories-*.jsonl"))
-    if not files:
-        raise FileNotFoundError(f"{out_dir}: no trajectories-*.jsonl files; run `ibisagent-train trajectories` first")
-    return files
-
-
-def iter_kept(out_dir: str | Path, variants: Iterable[str] = VARIANTS) -> Iterable[dict]:
-    """Every kept (not rejected) record of all shards in `out_dir` whose variant is in `variants`."""
-    variants = set(variants)
-    for path in shard_files(out_dir):
-        for r in read_records(path):
-            if r["reject"] is None and r["variant"] in variants:
-                yield r
-
-
 def merge_stats(out_dir: str | Path, by: str = "modality") -> dict[str, dict]:
     """Statistics of the kept gold trajectories per `by` ("modality" or "group") and "Total".
 
     samples: distinct images; trajectories: (image, target) pairs; qas: assistant turns (each click step and the
     final answer); avg_length: clicks per trajectory; IoU and Dice of the final masks.
     """
-    rows: dict[str, list[dict]] = defaultdict(list)
+    if by not in ("modality", "group"):
+        raise ValueError(f"statistics are by modality or group, got {by!r}")
+    rows: dict[str, list[TrajectoryRecord]] = defaultdict(list)
     for r in iter_kept(out_dir, ("gold",)):
-        rows[r[by]].append(r)
+        rows[getattr(r, by)].append(r)
         rows["Total"].append(r)
     out = {}
     for key in sorted(rows, key=lambda k: (k == "Total", k)):
         rs = rows[key]
-        ious, dices = np.array([r["iou"] for r in rs]), np.array([r["dice"] for r in rs])
+        ious, dices = np.array([r.iou for r in rs]), np.array([r.dice for r in rs])
         out[key] = {
-            "samples": len({r["image"] for r in rs}),
+            "samples": len({r.image for r in rs}),
             "trajectories": len(rs),
-            "qas": sum(r["turns"] for r in rs),
-            "avg_length": float(np.mean([r["length"] for r in rs])),
+            "qas": sum(r.turns for r in rs),
+            "avg_length": float(np.mean([r.length for r in rs])),
             "avg_iou": float(ious.mean()),
             "median_iou": float(np.median(ious)),
             "avg_dice": float(dices.mean()),
@@ -456,13 +386,12 @@ def run_summary(out_dir: str | Path) -> dict:
     """Counts over all records (kept and rejected, per variant and reject reason) and the time split."""
     counts: dict[str, int] = defaultdict(int)
     seconds: dict[str, float] = defaultdict(float)
-    for path in shard_files(out_dir):
-        for r in read_records(path):
-            counts[f"{r['variant']}/{'kept' if r['reject'] is None else 'rejected'}"] += 1
-            if r["reject"]:
-                counts[f"reject/{r['reject'].split(':')[0]}"] += 1
-            for k, v in r["seconds"].items():
-                seconds[k] += v
+    for r in iter_records(out_dir):
+        counts[f"{r.variant}/{'kept' if r.kept else 'rejected'}"] += 1
+        if r.reject:
+            counts[f"reject/{r.reject.split(':')[0]}"] += 1
+        for k, v in r.seconds.items():
+            seconds[k] += v
     return {"counts": dict(counts), "seconds": dict(seconds)}
 
 

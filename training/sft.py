@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ibisagent._compat import ensure_torchvision
 from ibisagent.chat import (
     END_OF_TURN,
     VISION_START,
@@ -36,11 +37,15 @@ from ibisagent.chat import (
     user_message,
 )
 from ibisagent.grammar import Grammar
+from ibisagent.io import read_image, read_mask
+from ibisagent.policies.hf_vlm import ModelLoadError, load_pretrained
 from ibisagent.render import overlay
-from ibisagent.trajectory import Trajectory
 from ibisagent.types import Action
 
-IGNORE_INDEX = -100
+from .common import IGNORE_INDEX, collate, freeze_vision, pad_token_id
+from .prompts import InstructionLibrary
+from .reasoning import StepContext, describe_step, step_context, undo_context
+from .records import TrajectoryRecord, iter_kept
 
 
 # -- conversations -----------------------------------------------------------------------------------------------------
@@ -62,7 +67,7 @@ class Conversation:
 
 
 class ConversationBuilder:
-    """Turns trajectory records (`generate.py`) into conversations, deterministically per record id and `seed`.
+    """Turns trajectory records (`records.TrajectoryRecord`) into conversations, deterministically per record id and `seed`.
 
     library: `prompts.InstructionLibrary` (None: the packaged one). dialect: the grammar the assistant writes.
     template_dir: prompt templates as at inference (None: the packaged ones). history "full" builds one
@@ -81,8 +86,6 @@ class ConversationBuilder:
         reasoning: bool = True,
         decimals: int = 4,
     ):
-        from ibisagent_training.prompts import InstructionLibrary
-
         if history not in ("full", "current"):
             raise ValueError(f"history must be 'full' or 'current', got {history!r}")
         self.library = library or InstructionLibrary()
@@ -95,23 +98,24 @@ class ConversationBuilder:
         self.reasoning = reasoning
 
     def build(
-        self, record: dict, image: np.ndarray | None = None, gt: np.ndarray | None = None, only: int | None = None
+        self,
+        record: TrajectoryRecord,
+        image: np.ndarray | None = None,
+        gt: np.ndarray | None = None,
+        only: int | None = None,
     ) -> list[Conversation]:
         """Conversations of one record. image (HxWx3 uint8) and gt (HxW bool) are read from the record's paths
         when not given. only: in "current" history, return just the `only`-th trained step's conversation (the
         text of every step is still drawn in order, so it is the same as in the full list; only its image is
         rendered)."""
-        from ibisagent.io import read_image, read_mask
-        from ibisagent_training.reasoning import describe_step, step_context, undo_context
-
-        traj = Trajectory.from_dict(record["trajectory"])
-        target, modality = record["target"], record.get("modality", "")
-        image = read_image(record["image"]) if image is None else image
-        gt = read_mask(record["mask"], image.shape[:2]) if gt is None else gt
-        rng = random.Random(f"{self.seed}:{record['id']}:{record.get('variant', 'gold')}")
+        traj = record.load_trajectory()
+        target, modality = record.target, record.modality
+        image = read_image(record.image) if image is None else image
+        gt = read_mask(record.mask, image.shape[:2]) if gt is None else gt
+        rng = random.Random(f"{self.seed}:{record.id}:{record.variant}")
         instruction = self.library.initial(target, modality, rng).text
         size = traj.image_size
-        masked = set(traj.meta.get("masked_steps", []))
+        masked = record.masked_steps
 
         empty = np.zeros(size, bool)
         shown, answers, train = [], [], []  # per step: the mask the agent sees, its answer, whether it is trained
@@ -121,7 +125,7 @@ class ConversationBuilder:
             shown.append(mask_now)
             action = step.action
             if action is None:  # an unparseable turn cannot be trained on; oracle trajectories have none
-                raise ValueError(f"record {record['id']}: step {step.index} has no action ({step.error})")
+                raise ValueError(f"record {record.id}: step {step.index} has no action ({step.error})")
             if action.undo:
                 restored = step.masks.get(target, empty)
                 own_clicks = previous.clicks.get(target, []) if previous else []
@@ -142,7 +146,7 @@ class ConversationBuilder:
             [user_message(self.templates, instruction, [target], first=k == 0), assistant_message(text)]
             for k, text in enumerate(answers)
         ]
-        cid = f"{record['id']}#{record.get('variant', 'gold')}"
+        cid = f"{record.id}#{record.variant}"
         if self.history == "full":
             messages = [system, *(m for turn in turns for m in turn)]
             return [Conversation(cid, messages, [overlay(image, m) for m in shown], train, instruction)]
@@ -154,16 +158,15 @@ class ConversationBuilder:
             for k in steps
         ]
 
-    def build_absent(self, record: dict, absent_target: str, image: np.ndarray | None = None) -> Conversation:
+    def build_absent(
+        self, record: TrajectoryRecord, absent_target: str, image: np.ndarray | None = None
+    ) -> Conversation:
         """A question about `absent_target`, a structure not in this record's image, answered with a refusal and
         no click (Terminate)."""
-        from ibisagent.io import read_image
-        from ibisagent_training.reasoning import StepContext, describe_step
-
-        image = read_image(record["image"]) if image is None else image
+        image = read_image(record.image) if image is None else image
         size = image.shape[:2]
-        modality = record.get("modality", "")
-        rng = random.Random(f"{self.seed}:{record['id']}:absent:{absent_target}")
+        modality = record.modality
+        rng = random.Random(f"{self.seed}:{record.id}:absent:{absent_target}")
         question, refusal = self.library.absent(absent_target, modality, rng)
         empty = np.zeros(size, bool)
         ctx = StepContext(size, empty, empty, (), absent_target, modality, 0, "absent")
@@ -173,7 +176,7 @@ class ConversationBuilder:
             user_message(self.templates, question, [absent_target], first=True),
             assistant_message(text),
         ]
-        return Conversation(f"{record['id']}#absent:{absent_target}", messages, [image], [True], question)
+        return Conversation(f"{record.id}#absent:{absent_target}", messages, [image], [True], question)
 
 
 # -- tokens and loss masks ---------------------------------------------------------------------------------------------
@@ -231,29 +234,8 @@ def encode(processor, conv: Conversation, image_kwargs: dict | None = None) -> d
     return out
 
 
-def collate(batch: list[dict], pad_token_id: int) -> dict:
-    """Right-pad ids (pad_token_id), attention masks (0) and labels (-100); concatenate image tensors."""
-    import torch
-
-    n = max(len(b["input_ids"]) for b in batch)
-
-    def pad(key, value):
-        return torch.stack([torch.nn.functional.pad(b[key], (0, n - len(b[key])), value=value) for b in batch])
-
-    out = {
-        "input_ids": pad("input_ids", pad_token_id),
-        "attention_mask": pad("attention_mask", 0),
-        "labels": pad("labels", IGNORE_INDEX),
-    }
-    with_images = [b for b in batch if "pixel_values" in b]
-    if with_images:
-        out["pixel_values"] = torch.cat([b["pixel_values"] for b in with_images])
-        out["image_grid_thw"] = torch.cat([b["image_grid_thw"] for b in with_images])
-    return out
-
-
 class SFTDataset:
-    """A map-style dataset of encoded conversations built lazily from trajectory records (a list of dicts).
+    """A map-style dataset of encoded conversations built lazily from trajectory records.
 
     Conversations are listed once (cheap: no pixels read); each item reads its image and mask, renders the
     observations and tokenises on access, so memory stays flat however large the record files are.
@@ -263,7 +245,7 @@ class SFTDataset:
 
     def __init__(
         self,
-        records: list[dict],
+        records: list[TrajectoryRecord],
         processor,
         builder: ConversationBuilder,
         absent_fraction: float = 0.0,
@@ -278,19 +260,17 @@ class SFTDataset:
         self.processor, self.builder, self.image_kwargs = processor, builder, image_kwargs
         self.items: list[tuple[int, str | None, int]] = []  # (record index, absent target, conversation index)
         rng = random.Random(builder.seed)
-        targets = sorted({r["target"] for r in records})
+        targets = sorted({r.target for r in records})
         image_targets: dict[str, set] = {}
         for r in records:
-            image_targets.setdefault(r["image"], set()).add(r["target"])
+            image_targets.setdefault(r.image, set()).add(r.target)
         for i, r in enumerate(records):
-            masked = set(r["trajectory"].get("meta", {}).get("masked_steps", []))
-            steps = len(r["trajectory"]["steps"])
-            n = sum(k not in masked for k in range(steps)) if builder.history == "current" else 1
+            n = len(r.trained_steps) if builder.history == "current" else 1
             n = min(n, 1) if first_step_only else n
             self.items += [(i, None, k) for k in range(n)]
         for i, r in enumerate(records):
-            others = [t for t in targets if t not in image_targets[r["image"]]]
-            if r.get("variant", "gold") == "gold" and others and rng.random() < absent_fraction:
+            others = [t for t in targets if t not in image_targets[r.image]]
+            if r.variant == "gold" and others and rng.random() < absent_fraction:
                 self.items.append((i, rng.choice(others), 0))
         self.records = records
 
@@ -350,37 +330,18 @@ class SFTDataArguments:
     decimals: int = field(default=4, metadata={"help": "decimals of the coordinates the assistant writes"})
 
 
-def load_records(folder: str | Path, variants: list[str], max_records: int | None = None) -> list[dict]:
-    from ibisagent_training.generate import iter_kept
-
+def load_records(folder: str | Path, variants: list[str], max_records: int | None = None) -> list[TrajectoryRecord]:
+    """The kept records of `variants` in a trajectories folder (at most `max_records`, in file order)."""
     records = list(iter_kept(folder, variants))
     if not records:
         raise ValueError(f"{folder}: no kept trajectory records of variants {variants}; generate them first")
     return records[:max_records]
 
 
-def freeze_vision(model) -> int:
-    """Freeze the vision encoder's blocks and patch embedding (the merger that projects into the language model
-    stays trainable). Returns the number of frozen parameters."""
-    visual = getattr(getattr(model, "model", model), "visual", None)
-    if visual is None:
-        raise ValueError(f"{type(model).__name__} has no `visual` tower to freeze")
-    frozen = 0
-    for name, p in visual.named_parameters():
-        if not name.startswith("merger"):
-            p.requires_grad_(False)
-            frozen += p.numel()
-    return frozen
-
-
 def build_trainer(data_args: SFTDataArguments, training_args, model_args, callbacks=None):
     """The trl `SFTTrainer` for these arguments: model and processor from `model_args.model_name_or_path`, LoRA when
     `model_args.use_peft`, our dataset and collator (`skip_prepare_dataset`: the loss masks are ours)."""
-    from ibisagent._compat import ensure_torchvision
-
     ensure_torchvision()  # before transformers/trl import torchvision (CPU-only torch, see ibisagent/_compat.py)
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import SFTTrainer, get_peft_config
 
     if not data_args.trajectories:
@@ -392,17 +353,12 @@ def build_trainer(data_args: SFTDataArguments, training_args, model_args, callba
         # Trainer's own reload of a full checkpoint misses Qwen2.5-VL's renamed weight keys under transformers 5 (the
         # resumed run restarted from the initial weights with the restored optimizer); from_pretrained maps them.
         source = resume
-    dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
-    load = {"revision": model_args.model_revision, "attn_implementation": model_args.attn_implementation}
-    model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, **{k: v for k, v in load.items() if v})
-    processor = AutoProcessor.from_pretrained(
-        source, **({"revision": model_args.model_revision} if model_args.model_revision else {})
+    model, processor = load_pretrained(
+        source, model_args.dtype, model_args.model_revision, model_args.attn_implementation
     )
     if data_args.freeze_vision_tower:
         freeze_vision(model)
     image_kwargs = pixel_budget(processor, data_args.min_pixels, data_args.max_pixels)
-    from ibisagent_training.prompts import InstructionLibrary
-
     builder = ConversationBuilder(
         library=InstructionLibrary.from_file(data_args.instructions) if data_args.instructions else None,
         dialect=data_args.dialect,
@@ -417,11 +373,7 @@ def build_trainer(data_args: SFTDataArguments, training_args, model_args, callba
     )
     training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
     training_args.remove_unused_columns = False
-    pad = (
-        processor.tokenizer.pad_token_id
-        if processor.tokenizer.pad_token_id is not None
-        else processor.tokenizer.eos_token_id
-    )
+    pad = pad_token_id(processor)
     return SFTTrainer(
         model=model,
         args=training_args,
@@ -434,8 +386,6 @@ def build_trainer(data_args: SFTDataArguments, training_args, model_args, callba
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ibisagent._compat import ensure_torchvision
-
     ensure_torchvision()
     from trl import ModelConfig, SFTConfig, TrlParser
 
@@ -450,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         trainer = build_trainer(data_args, training_args, model_args)
-    except (OSError, ValueError) as exc:  # missing data, a model folder or hub id that cannot be loaded, bad options
+    except (OSError, ValueError, ModelLoadError) as exc:  # missing data, a model that cannot be loaded, bad options
         print(f"ibisagent-train sft: error: {exc}", file=sys.stderr)
         return 2
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

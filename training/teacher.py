@@ -3,7 +3,7 @@
 modality, paper Appendix B.2) and (b) step reasoning from privileged facts in the persona of Appendix B.3.
 
 Only the standard library talks to the endpoint (`POST {base_url}/chat/completions`). Every reasoning reply
-passes the leak filter of `reasoning`; a leaking or malformed reply is asked for again, and after `attempts`
+passes the leak filter (`leaks.py`); a leaking or malformed reply is asked for again, and after `attempts`
 tries (or when the endpoint fails) the weight-free `describe_step` writes the step instead. `stats` counts it all.
 """
 

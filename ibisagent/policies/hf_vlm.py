@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ibisagent._compat import ensure_torchvision
 from ibisagent.chat import PromptTemplates, assistant_message, generation_kwargs, pixel_budget, turn_messages
 from ibisagent.policies.base import Observation
 from ibisagent.specs import DTYPES, HISTORY_MODES
@@ -326,10 +327,8 @@ def load_pretrained(
     "Qwen/Qwen2.5-VL-7B-Instruct" (read from the Hugging Face cache first, fetched only when missing there and the
     Hub is not switched off). dtype: "auto" (the checkpoint's), "bfloat16", "float16", "float32", or None
     (transformers' default). revision, attn_implementation: passed to `from_pretrained` when set.
-    Raises ValueError for a source that is neither, RuntimeError (saying what to do) when loading fails.
+    Raises ValueError for a source that is neither, ModelLoadError (saying what to do) when loading fails.
     """
-    from ibisagent._compat import ensure_torchvision
-
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     source = resolve_model_source(model)
@@ -365,9 +364,13 @@ def _offline() -> bool:
     return any(flag.strip().lower() in ("1", "true", "yes", "on") for flag in flags)
 
 
-def _load_error(source: str, is_local: bool, exc: Exception) -> RuntimeError:
+class ModelLoadError(RuntimeError):
+    """A checkpoint could not be loaded; the message says from where and what to do."""
+
+
+def _load_error(source: str, is_local: bool, exc: Exception) -> ModelLoadError:
     where = f"the local folder {source!r}" if is_local else f"the Hub id {source!r} (no local folder has that name)"
-    return RuntimeError(
+    return ModelLoadError(
         f"could not load a vision-language model from {where}: {exc}\n"
         "Without network access, either pass a local folder that holds config.json, the weights and the processor "
         "files (tokenizer, preprocessor, chat template), or download the model on a connected machine "

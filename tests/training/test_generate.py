@@ -13,7 +13,8 @@ import time
 import numpy as np
 
 from ibisagent.trajectory import Trajectory
-from ibisagent_training.generate import GenerateConfig, Shard, generate, merge_stats, read_records, shard_files
+from ibisagent_training.generate import GenerateConfig, Shard, generate, merge_stats
+from ibisagent_training.records import read_records, shard_files
 from tests.conftest import needs_demo
 
 pytestmark = needs_demo

@@ -13,11 +13,12 @@ import pytest
 from ibisagent.chat import PromptTemplates, assistant_message, system_message, user_message
 from ibisagent.render import overlay
 from ibisagent.tools import build_tool
-from ibisagent.trajectory import Trajectory
+from ibisagent_training.common import collate
 from ibisagent_training.grpo import (
     IGNORE_INDEX,
     GRPOArguments,
     GRPOTrainer,
+    RolloutError,
     Row,
     SegmentationRows,
     StepRows,
@@ -29,7 +30,6 @@ from ibisagent_training.grpo import (
     token_logps,
 )
 from ibisagent_training.prompts import INITIAL_FAMILIES, InstructionLibrary
-from ibisagent_training.sft import collate
 from ibisagent_training.synthetic import write_synthetic_dataset
 
 SHORT_TEMPLATES = {
@@ -209,7 +209,7 @@ def test_step_rows_replay_the_trajectory_before_the_policy_acts(setup, tmp_path)
     for n, r in enumerate(rollouts):
         record = rows.records[rows.items[picked[n // args.num_generations]][0]]
         k = len(r.row.history)
-        expected = Trajectory.from_dict(record["trajectory"]).steps[k - 1].masks[r.row.target]
+        expected = record.load_trajectory().steps[k - 1].masks[r.row.target]
         assert np.array_equal(r.start_mask, expected)
         assert r.num_observations == 1 and np.array_equal(r.policy.images[0], overlay(r.row.image, expected))
         assert r.rewards["length"] == pytest.approx(1.0 - 0.2 * max(0, k + 1 - 5))
@@ -289,6 +289,28 @@ def test_trainer_resumes_to_the_same_weights_and_logs_metrics(setup, tmp_path):
     ):
         assert key in lines[0]
     assert (tmp_path / "b" / "config.json").is_file()  # the final model loads with from_pretrained
+
+
+def test_a_failed_generation_fails_the_step_instead_of_being_trained_on(setup, tmp_path, monkeypatch):
+    """A `generate` that raises reaches every waiting episode, which the agent loop ends as a policy_error; the
+    rollout raises that error, so the training step stops before any update instead of training on the failure."""
+    import copy
+
+    import torch
+
+    root, _, model, processor = setup
+    failing = copy.deepcopy(model)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(failing, "generate", out_of_memory)
+    trainer = GRPOTrainer(_args(root, output_dir=str(tmp_path)), model=failing, processor=processor)
+    before = {k: v.clone() for k, v in failing.state_dict().items()}
+    with pytest.raises(RolloutError, match=r"policy_error: .*CUDA out of memory \(simulated\)") as info:
+        trainer.train_step()
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert trainer.step == 0 and all(torch.equal(v, failing.state_dict()[k]) for k, v in before.items())
 
 
 def test_vqa_rows_and_bad_options(setup, tmp_path):

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from ibisagent.grammar import Grammar
+from ibisagent_training.common import IGNORE_INDEX, collate
 from ibisagent_training.generate import GenerateConfig, generate
-from ibisagent_training.sft import IGNORE_INDEX, ConversationBuilder, SFTDataset, collate, encode, load_records
+from ibisagent_training.sft import ConversationBuilder, SFTDataset, encode, load_records
 from tests.conftest import needs_demo
 from tests.training.conftest import write_small_demo
 
@@ -55,11 +56,11 @@ def _label_spans(enc) -> list[list[int]]:
 def test_unmasked_tokens_are_exactly_the_reasoning_and_actions(trajectories, tiny):
     _, _, processor = tiny
     records = load_records(trajectories, VARIANTS)
-    record = next(r for r in records if r["variant"] == "self_correction")
+    record = next(r for r in records if r.variant == "self_correction")
     (conv,) = ConversationBuilder().build(record)
-    steps = record["trajectory"]["steps"]
+    steps = record.trajectory["steps"]
     assert len(conv.images) == len(steps) == len(conv.assistant_texts)
-    (wrong,) = record["trajectory"]["meta"]["masked_steps"]
+    (wrong,) = record.trajectory["meta"]["masked_steps"]
     assert conv.train == [k != wrong for k in range(len(steps))]
     enc = encode(processor, conv)
     decoded = [processor.tokenizer.decode(s) for s in _label_spans(enc)]
@@ -73,7 +74,7 @@ def test_unmasked_tokens_are_exactly_the_reasoning_and_actions(trajectories, tin
     # every trained turn parses back to the trajectory's action
     g = Grammar("ibis")
     for text, step in zip(conv.assistant_texts, steps):
-        parsed = g.parse(text, tuple(record["trajectory"]["image_size"]), record["target"])
+        parsed = g.parse(text, tuple(record.trajectory["image_size"]), record.target)
         assert parsed.action.to_dict()["undo"] == step["action"]["undo"]
         assert parsed.action.terminate == step["action"]["terminate"]
 
@@ -81,7 +82,7 @@ def test_unmasked_tokens_are_exactly_the_reasoning_and_actions(trajectories, tin
 def test_user_inconsistency_and_absent_samples(trajectories, tiny):
     _, _, processor = tiny
     records = load_records(trajectories, VARIANTS)
-    ui = next(r for r in records if r["variant"] == "user_inconsistency")
+    ui = next(r for r in records if r.variant == "user_inconsistency")
     (conv,) = ConversationBuilder().build(ui)
     assert conv.assistant_texts[0].split("<action>")[1].strip().startswith("Undo")
     assert not np.array_equal(conv.images[0], conv.images[1])  # the wrong mask is shown, then gone
@@ -91,7 +92,7 @@ def test_user_inconsistency_and_absent_samples(trajectories, tiny):
         len(absent.images) == 1 and "Terminate" in absent.assistant_texts[0] and "<answer>" in absent.assistant_texts[0]
     )
     ds = SFTDataset(records, processor, builder, absent_fraction=1.0)
-    assert sum(a is not None for _, a, _ in ds.items) == sum(r["variant"] == "gold" for r in records)
+    assert sum(a is not None for _, a, _ in ds.items) == sum(r.variant == "gold" for r in records)
 
 
 def test_current_history_gives_one_sample_per_trained_step(trajectories, tiny):
@@ -99,8 +100,8 @@ def test_current_history_gives_one_sample_per_trained_step(trajectories, tiny):
     records = load_records(trajectories, VARIANTS)
     builder = ConversationBuilder(history="current")
     ds = SFTDataset(records, processor, builder)
-    masked = sum(len(r["trajectory"]["meta"].get("masked_steps", [])) for r in records)
-    assert len(ds) == sum(len(r["trajectory"]["steps"]) for r in records) - masked
+    masked = sum(len(r.trajectory["meta"].get("masked_steps", [])) for r in records)
+    assert len(ds) == sum(len(r.trajectory["steps"]) for r in records) - masked
     every = builder.build(records[0])
     for k, conv in enumerate(every):  # one step built alone is that step of the whole list
         (alone,) = builder.build(records[0], only=k)

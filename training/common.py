@@ -1,0 +1,52 @@
+"""What SFT and GRPO share: the label value that masks a token out of the loss, batch padding, vision-tower freezing
+and the pad id. The model itself is loaded by the one checkpoint loader, `ibisagent.policies.hf_vlm.load_pretrained`,
+as the policy loads it at inference. torch is imported inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+IGNORE_INDEX = -100  # the label of a token that is not trained (observation, system prompt, masked turn)
+
+
+def pad_token_id(processor: Any) -> int | None:
+    """The id that pads a batch: the tokenizer's pad token, else its eos token (Qwen's tokenizers have both)."""
+    tokenizer = processor.tokenizer
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def collate(batch: list[dict], pad_token_id: int) -> dict:
+    """Right-pad ids (pad_token_id), attention masks (0) and labels (IGNORE_INDEX) to the longest sequence, giving
+    (B, L) LongTensors; concatenate image tensors (pixel_values, image_grid_thw) in batch order."""
+    import torch
+
+    n = max(len(b["input_ids"]) for b in batch)
+
+    def pad(key, value):
+        return torch.stack([torch.nn.functional.pad(b[key], (0, n - len(b[key])), value=value) for b in batch])
+
+    out = {
+        "input_ids": pad("input_ids", pad_token_id),
+        "attention_mask": pad("attention_mask", 0),
+        "labels": pad("labels", IGNORE_INDEX),
+    }
+    with_images = [b for b in batch if "pixel_values" in b]
+    if with_images:
+        out["pixel_values"] = torch.cat([b["pixel_values"] for b in with_images])
+        out["image_grid_thw"] = torch.cat([b["image_grid_thw"] for b in with_images])
+    return out
+
+
+def freeze_vision(model) -> int:
+    """Freeze the vision encoder's blocks and patch embedding (the merger that projects into the language model
+    stays trainable). Returns the number of frozen parameters."""
+    visual = getattr(getattr(model, "model", model), "visual", None)
+    if visual is None:
+        raise ValueError(f"{type(model).__name__} has no `visual` tower to freeze")
+    frozen = 0
+    for name, p in visual.named_parameters():
+        if not name.startswith("merger"):
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen

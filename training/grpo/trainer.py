@@ -1,0 +1,342 @@
+"""The GRPO trainer: rollouts, rewards, advantages and updates with accelerate, checkpoints that resume to the same
+run, per-step metrics, and the `ibisagent-train grpo` entry point."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ibisagent._compat import ensure_torchvision
+from ibisagent.chat import PromptTemplates
+from ibisagent.metrics import click_in_target, dice
+from ibisagent.policies.hf_vlm import ModelLoadError, load_pretrained
+from ibisagent.specs import ToolSpec
+from ibisagent.tools import ToolError
+
+from ..common import collate, freeze_vision, pad_token_id
+from ..rewards import COMPONENTS, answer_match
+from .config import GRPOArguments
+from .objective import group_advantages, lr_factor, policy_loss, token_logps
+from .rollout import Rollout, rollout
+from .rows import Row, VQARows, build_rows, instruction_library
+
+
+class GRPOTrainer:
+    """Rollouts, rewards, advantages and updates, with checkpoints and per-step metrics (`output_dir/metrics.jsonl`).
+
+    rows: the prompts (`SegmentationRows`, `StepRows`, or any sequence of `Row`); vqa_rows: VQA prompts mixed in at
+    `args.vqa_fraction`. model/processor default to `args.model_name_or_path`; tool_factory to the `ToolSpec` of
+    `args.tool`, built on this process's device. `on_step(step, metrics)` is called after each step.
+    """
+
+    def __init__(
+        self,
+        args: GRPOArguments,
+        rows=None,
+        vqa_rows=None,
+        model=None,
+        processor=None,
+        tool_factory=None,
+        on_step: Callable[[int, dict], None] | None = None,
+    ):
+        ensure_torchvision()
+        import torch
+        from accelerate import Accelerator
+
+        self.args = args
+        self.reward_config = args.reward_config()
+        self.output_dir = Path(args.output_dir)
+        self.on_step = on_step
+        self.accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
+        self.resume = self._find_resume()
+        if rows is None:
+            rows = build_rows(args, instruction_library(args.instructions))
+        if vqa_rows is None and args.vqa_file:
+            vqa_rows = VQARows(args.vqa_file)
+        if not len(rows):
+            raise ValueError("no prompts to train on")
+        self.rows, self.vqa_rows = rows, vqa_rows
+        if model is None or processor is None or self.resume:
+            source = self.resume or args.model_name_or_path
+            if not source:
+                raise ValueError("give --model_name_or_path: the SFT checkpoint folder (or a Hub id) to start from")
+            model, processor = load_pretrained(source, "auto")
+        self.processor = processor
+        if args.freeze_vision_tower:
+            freeze_vision(model)
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.templates = PromptTemplates.load(args.dialect, args.template_dir)
+        factory = tool_factory or _tool_factory(args, str(self.accelerator.device))
+        self.tools = [factory() for _ in range(args.prompts_per_step)]  # built once, one per prompt of a step
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+        schedule = partial(
+            lr_factor,
+            kind=args.lr_scheduler_type,
+            warmup=max(args.warmup_steps, 0) * args.num_iterations,
+            total=args.max_steps * args.num_iterations,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.step = 0
+        if self.resume:
+            self._load_state(self.resume)
+
+    # -- loop ---------------------------------------------------------------------------------------------------------
+    def train(self) -> list[dict]:
+        """Run to `args.max_steps`; returns the metrics of the steps run here."""
+        history = []
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
+        while self.step < self.args.max_steps:
+            metrics = self.train_step()
+            history.append(metrics)
+            if self.accelerator.is_main_process:
+                with (self.output_dir / "metrics.jsonl").open("a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                if self.args.logging_steps and self.step % self.args.logging_steps == 0:
+                    print(_format_metrics(metrics), flush=True)
+            if self.on_step:
+                self.on_step(self.step, metrics)
+            if self.args.save_steps and self.step % self.args.save_steps == 0 and self.step < self.args.max_steps:
+                self.save_checkpoint()
+        self.save_checkpoint()
+        self.save_model(self.output_dir)
+        return history
+
+    def prompts(self, step: int) -> list[Row]:
+        """The prompts of `step`: a function of (seed, step, process), so a resumed run sees the same ones."""
+        rng = np.random.default_rng([self.args.seed, step, self.accelerator.process_index])
+        b = self.args.prompts_per_step
+        n_vqa = int(round(b * self.args.vqa_fraction)) if self.vqa_rows is not None else 0
+        pick = _choose(rng, len(self.rows), b - n_vqa)
+        out = [self.rows[i] for i in pick]
+        if n_vqa:
+            out += [self.vqa_rows[i] for i in _choose(rng, len(self.vqa_rows), n_vqa)]
+        return out
+
+    def train_step(self) -> dict:
+        import torch
+
+        args = self.args
+        t0 = time.perf_counter()
+        rows = self.prompts(self.step)
+        model = self.accelerator.unwrap_model(self.model)
+        model.eval()
+        torch.manual_seed(int(np.random.SeedSequence([args.seed, self.step, 7]).generate_state(1)[0]))
+        rollouts, timings = rollout(model, self.processor, rows, args, self.tools, self.templates, self.reward_config)
+        advantages = group_advantages([r.rewards["total"] for r in rollouts], args.num_generations, args.scale_rewards)
+        for r, a in zip(rollouts, advantages):
+            r.advantage = a
+        t1 = time.perf_counter()
+
+        model.train()
+        active = [i for i, a in enumerate(advantages) if a != 0.0]  # zero advantage: zero gradient (mu = 1 or not)
+        encoded = {i: rollouts[i].policy.encoded() for i in active}
+        n_tokens = sum(len(seg.ids) for r in rollouts for seg in r.policy.segments if seg.model)
+        norm = float(max(n_tokens, 1) if args.loss_type == "dapo" else len(rollouts))
+        pad = pad_token_id(self.processor)
+        chunks = [active[i : i + args.micro_batch_size] for i in range(0, len(active), args.micro_batch_size)]
+        device = self.accelerator.device
+        old = {}
+        if args.num_iterations > 1 and chunks:
+            with torch.no_grad():
+                for chunk in chunks:
+                    batch = {k: v.to(device) for k, v in collate([encoded[i] for i in chunk], pad).items()}
+                    logps, _ = token_logps(self.model, batch, args.temperature)
+                    old.update({i: logps[j].detach() for j, i in enumerate(chunk)})
+        eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+        loss_total, grad_norm, clipped = 0.0, 0.0, 0.0
+        for _ in range(args.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            for chunk in chunks:
+                batch = {k: v.to(device) for k, v in collate([encoded[i] for i in chunk], pad).items()}
+                with self.accelerator.autocast():
+                    logps, mask = token_logps(self.model, batch, args.temperature)
+                old_logps = torch.stack([old[i] for i in chunk]) if old else logps.detach()
+                adv = torch.tensor([advantages[i] for i in chunk], dtype=logps.dtype, device=device)
+                loss = policy_loss(logps, old_logps, adv, mask, args.epsilon, eps_high, args.loss_type, norm)
+                self.accelerator.backward(loss)
+                loss_total += float(loss.detach())
+                ratio = torch.exp(logps.detach() - old_logps)
+                clipped += float((((ratio < 1 - args.epsilon) | (ratio > 1 + eps_high)) & mask).sum())
+            if chunks:
+                if args.max_grad_norm:
+                    grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm))
+                self.optimizer.step()
+                self.scheduler.step()
+        self.step += 1
+        t2 = time.perf_counter()
+        metrics = _step_metrics(rollouts, args)
+        metrics.update(
+            step=self.step,
+            loss=loss_total / args.num_iterations,
+            grad_norm=grad_norm,
+            learning_rate=self.scheduler.get_last_lr()[0],
+            clip_fraction=clipped / max(n_tokens * args.num_iterations, 1),
+            model_tokens=n_tokens,
+            sequences_trained=len(active),
+            rollout_seconds=t1 - t0,
+            train_seconds=t2 - t1,
+            step_seconds=t2 - t0,
+            steps_per_second=1.0 / max(t2 - t0, 1e-9),
+            **{k: v for k, v in timings.items() if k != "rollout_s"},
+        )
+        return metrics
+
+    # -- checkpoints --------------------------------------------------------------------------------------------------
+    def save_model(self, folder: str | Path) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        folder = Path(folder)
+        model = self.accelerator.unwrap_model(self.model)
+        model.save_pretrained(folder)
+        self.processor.save_pretrained(folder)
+
+    def save_checkpoint(self) -> Path:
+        """`output_dir/checkpoint-<step>`: weights and processor (loadable as a model), optimizer, scheduler, RNG
+        and trainer state. Older checkpoints beyond `save_total_limit` are removed."""
+        import torch
+
+        folder = self.output_dir / f"checkpoint-{self.step}"
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self.save_model(folder)
+            torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
+            state = {"step": self.step, "args": asdict(self.args)}
+            (folder / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
+            if self.args.save_total_limit:
+                for old in _checkpoints(self.output_dir)[: -self.args.save_total_limit]:
+                    _remove_tree(old)
+        return folder
+
+    def _find_resume(self) -> Path | None:
+        spec = self.args.resume_from_checkpoint
+        if not spec:
+            return None
+        if spec == "last":
+            found = _checkpoints(Path(self.args.output_dir))
+            if not found:
+                raise ValueError(f"--resume_from_checkpoint last: no checkpoint-* folder in {self.args.output_dir}")
+            return found[-1]
+        path = Path(spec)
+        if not (path / "trainer_state.json").is_file():
+            raise ValueError(
+                f"{path} is not a GRPO checkpoint (no trainer_state.json); pass a checkpoint-<step> folder"
+            )
+        return path
+
+    def _load_state(self, folder: Path) -> None:
+        import torch
+
+        state = json.loads((folder / "trainer_state.json").read_text())
+        self.step = int(state["step"])
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+        self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+        # The rate follows this run's schedule: resumed with a larger max_steps, a decay stretches to the new end.
+        inner = getattr(self.scheduler, "scheduler", self.scheduler)
+        for group, base, factor in zip(self.optimizer.param_groups, inner.base_lrs, inner.lr_lambdas):
+            group["lr"] = base * factor(inner.last_epoch)
+
+
+def _choose(rng: np.random.Generator, n: int, k: int) -> list[int]:
+    if k <= 0:
+        return []
+    return rng.choice(n, size=k, replace=k > n).tolist()
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines of steps after `step` (a resumed run rewrites them)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _tool_factory(args: GRPOArguments, device: str) -> Callable[[], Any]:
+    """Builds the rollout tool on this process's device (a model tool on CPU would serialise GPU training)."""
+    spec = ToolSpec(args.tool, args.tool_checkpoint, args.tool_config)
+    return lambda: spec.build(device)
+
+
+def _step_metrics(rollouts: list[Rollout], args: GRPOArguments) -> dict:
+    """Per-step means: each reward component (over the rollouts where it applies), total reward and its spread,
+    IoU and Dice of segmentation rollouts, episode length, click-in-target rate, VQA accuracy, images seen."""
+    out: dict[str, float] = {}
+    for name in (*COMPONENTS, "total"):
+        values = [r.rewards[name] for r in rollouts if r.rewards.get(name) is not None]
+        out[f"reward/{name}"] = float(np.mean(values)) if values else float("nan")
+    totals = np.array([r.rewards["total"] for r in rollouts]).reshape(-1, args.num_generations)
+    out["reward/total_std_within_group"] = float(totals.std(axis=1).mean())
+    seg = [r for r in rollouts if r.row.gt is not None]
+    if seg:
+        out["iou"] = float(np.mean([r.rewards["iou"] for r in seg]))
+        finals = [r.trajectory.final_masks.get(r.row.target, np.zeros(r.row.gt.shape, bool)) for r in seg]
+        out["dice"] = float(np.mean([dice(m, r.row.gt) for m, r in zip(finals, seg)]))
+        hits = [
+            click_in_target(c, r.row.gt)
+            for r in seg
+            for s in r.trajectory.steps
+            if s.action
+            for c in s.action.clicks
+            if c.positive
+        ]
+        out["click_in_target"] = float(np.mean(hits)) if hits else 0.0
+    vqa = [r for r in rollouts if r.row.solution is not None]
+    if vqa:
+        out["vqa_accuracy"] = float(np.mean([answer_match(r.trajectory.answer, r.row.solution) for r in vqa]))
+    out["episode_length"] = float(np.mean([len(r.trajectory.steps) for r in rollouts]))
+    out["format_valid"] = float(np.mean([s.error is None for r in rollouts for s in r.trajectory.steps] or [0.0]))
+    out["observations"] = float(sum(r.num_observations for r in rollouts))
+    return out
+
+
+def _format_metrics(m: dict) -> str:
+    keys = (
+        "step",
+        "reward/total",
+        "reward/format",
+        "reward/answer",
+        "reward/click",
+        "iou",
+        "click_in_target",
+        "episode_length",
+        "loss",
+        "step_seconds",
+    )
+    return " ".join(f"{k}={m[k]:.4g}" if isinstance(m.get(k), float) else f"{k}={m.get(k)}" for k in keys if k in m)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ensure_torchvision()
+    from trl import TrlParser
+
+    parser = TrlParser((GRPOArguments,), prog="ibisagent-train grpo")
+    try:
+        (args,) = parser.parse_args_and_config(args=argv)
+        trainer = GRPOTrainer(args)
+    except (OSError, ValueError, ToolError, ModelLoadError) as exc:  # bad data, options, model or tool checkpoint
+        print(f"ibisagent-train grpo: error: {exc}", file=sys.stderr)
+        return 2
+    trainer.train()
+    return 0
