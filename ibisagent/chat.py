@@ -218,4 +218,3 @@ def generation_kwargs(
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
     return kwargs
-

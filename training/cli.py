@@ -1,4 +1,10 @@
-"""The `ibisagent-train` command line: data (trajectories, stats, coco-json) and training (sft, grpo)."""
+"""The `ibisagent-train` command line: data (trajectories, stats, coco-json) and training (sft, grpo).
+
+One flag convention for the whole family: options are spelled like their config fields, with underscores
+(`--stop_iou`, `--tool_config`, `--model_name_or_path`), as trl's parser spells sft's and grpo's; a dashed spelling
+(`--stop-iou`) is accepted everywhere. The tool's options are the core's `ToolSpec` fields (`--tool`, `--checkpoint`,
+`--tool_config`) in trajectories and grpo alike.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import typing
 from pathlib import Path
 
 from . import grpo, sft
@@ -13,17 +20,30 @@ from .data import write_coco_json
 from .generate import GenerateConfig, Shard, generate, merge_stats, run_summary, stats_markdown
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
-    """One `--option` per dataclass field (underscores as dashes), with the field's help text and default."""
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, aliases: dict[str, tuple[str, ...]] | None = None) -> None:
+    """One `--option` per dataclass field, spelled like the field with underscores (`--stop_iou`), as trl's parser
+    spells the sft and grpo options, with the field's help, default and choices. The dashed spelling (`--stop-iou`)
+    and any `aliases` of a field (older names) are accepted too, without a line in --help."""
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        name = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
         helptext = f.metadata.get("help", "")
-        if kind.startswith("bool"):
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=helptext)
-            continue
-        conv = int if kind.startswith("int") else float if kind.startswith("float") else str
-        parser.add_argument(name, type=conv, default=f.default, help=f"{helptext} (default: {f.default})")
+        if hint is bool:
+            options = {"action": argparse.BooleanOptionalAction, "default": f.default, "help": helptext}
+        else:
+            base = next((t for t in (int, float, str) if hint is t or t in typing.get_args(hint)), str)
+            options = {
+                "type": base,
+                "default": f.default,
+                "choices": f.metadata.get("choices"),
+                "help": helptext if "default" in helptext else f"{helptext} (default: {f.default})",
+            }
+        parser.add_argument(f"--{f.name}", dest=f.name, **options)
+        hidden = ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else []) + list((aliases or {}).get(f.name, ()))
+        for alias in hidden:
+            parser.add_argument(
+                alias, dest=f.name, **{**options, "default": argparse.SUPPRESS, "help": argparse.SUPPRESS}
+            )
 
 
 def _from_args(cls, args: argparse.Namespace):
@@ -55,13 +75,8 @@ def _coco_json(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # sft and grpo take their options from trl's parser (dataclasses + yaml), see `ibisagent-train sft --help`
-    if argv[:1] == ["sft"]:
-        return sft.main(argv[1:])
-    if argv[:1] == ["grpo"]:
-        return grpo.main(argv[1:])
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the data subcommands (trajectories, stats, coco-json); sft and grpo parse their own options."""
     parser = argparse.ArgumentParser(prog="ibisagent-train", description="IBISAgent training: data, SFT and RL.")
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("trajectories", help="simulate click trajectories over BiomedParse data (resumable, shardable)")
@@ -70,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--shard", default="0/1", help="i/n: take every n-th image starting at i (default 0/1)")
     tr.add_argument("--split", help="split name (e.g. train); default: the one split found")
     tr.add_argument("--limit", type=int, help="at most this many masks of the shard")
-    add_dataclass_args(tr, GenerateConfig)
+    add_dataclass_args(tr, GenerateConfig, aliases={"tool_config": ("--config",)})  # the tool config's older name
     st = sub.add_parser("stats", help="trajectory statistics per modality and dataset group (paper Tab. 6/11)")
     st.add_argument("folder", help="an output folder of `trajectories`")
     st.add_argument("--by", nargs="+", default=["modality", "group"], choices=["modality", "group"])
@@ -80,7 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     cj.add_argument("--out", help="output path (default: <dataset>/<split>.json)")
     sub.add_parser("sft", help="cold-start SFT with trl (see `ibisagent-train sft --help`)")
     sub.add_parser("grpo", help="agentic RL with GRPO (see `ibisagent-train grpo --help`)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # sft and grpo take their options from trl's parser (dataclasses + yaml), see `ibisagent-train sft --help`
+    if argv[:1] == ["sft"]:
+        return sft.main(argv[1:])
+    if argv[:1] == ["grpo"]:
+        return grpo.main(argv[1:])
+    args = build_parser().parse_args(argv)
     try:
         return {"trajectories": _trajectories, "stats": _stats, "coco-json": _coco_json}[args.command](args)
     except (FileNotFoundError, ValueError) as exc:

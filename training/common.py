@@ -1,10 +1,11 @@
-"""What SFT and GRPO share: the label value that masks a token out of the loss, batch padding, vision-tower freezing
-and the pad id. The model itself is loaded by the one checkpoint loader, `ibisagent.policies.hf_vlm.load_pretrained`,
+"""What SFT and GRPO share: the label value that masks a token out of the loss, batch padding, vision-tower freezing,
+the pad id, and the fields their configs take from the core's policy spec. The model itself is loaded by the one checkpoint loader, `ibisagent.policies.hf_vlm.load_pretrained`,
 as the policy loads it at inference. torch is imported inside the functions that need it.
 """
 
 from __future__ import annotations
 
+from dataclasses import MISSING, Field, field, fields
 from typing import Any
 
 IGNORE_INDEX = -100  # the label of a token that is not trained (observation, system prompt, masked turn)
@@ -50,3 +51,16 @@ def freeze_vision(model) -> int:
             p.requires_grad_(False)
             frozen += p.numel()
     return frozen
+
+
+def spec_field(spec: type, name: str, default: Any = MISSING, help: str | None = None) -> Field:
+    """A config field declared as the field `name` of the spec dataclass `spec` (its default, help and choices), for
+    a training config that shares some of a spec's options but not all (so it cannot inherit the spec whole).
+    `default` and `help` replace the spec's where the config's use of the option differs; say why beside the call."""
+    found = {f.name: f for f in fields(spec)}
+    if name not in found:
+        raise ValueError(f"{spec.__name__} has no field {name!r}; its fields are {', '.join(found)}")
+    metadata = dict(found[name].metadata)
+    if help is not None:
+        metadata["help"] = help
+    return field(default=found[name].default if default is MISSING else default, metadata=metadata)

@@ -45,15 +45,11 @@ from .records import Appender, TrajectoryRecord, iter_kept, iter_records, read_r
 
 
 @dataclass
-class GenerateConfig:
-    """How trajectories are simulated and filtered."""
+class GenerateConfig(ToolSpec):
+    """How trajectories are simulated and filtered. The tool is the core's `ToolSpec` this class extends (tool,
+    checkpoint, tool_config), built on `device`."""
 
-    tool: str = field(
-        default="classical", metadata={"help": "segmentation tool: classical, sam2, medsam2, sam, medsam"}
-    )
-    checkpoint: str | None = field(default=None, metadata={"help": "tool checkpoint (SAM-family tools)"})
-    config: str | None = field(default=None, metadata={"help": "tool config name (SAM2 family)"})
-    device: str = field(default="cpu", metadata={"help": "tool device"})
+    device: str = field(default="cpu", metadata={"help": "tool device (a torch device string)"})
     max_steps: int = field(default=20, metadata={"help": "click steps per episode at most"})
     stop_iou: float = field(default=0.9, metadata={"help": "the oracle stops when IoU reaches this"})
     max_length: int = field(default=20, metadata={"help": "reject trajectories with more clicks than this"})
@@ -277,7 +273,7 @@ def generate(
         if any((dataset.entries[i]["id"], v) not in done for v in _variants_for(dataset.entries[i]["id"], config))
     ]
 
-    tool = ToolSpec(config.tool, config.checkpoint, config.config).build(config.device)
+    tool = config.build(config.device)  # the config is a ToolSpec
     writer, problems = Appender(data_path), Appender(problems_path)
     timer, written, encoded = _Timer(), 0, None
     try:

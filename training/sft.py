@@ -40,9 +40,10 @@ from ibisagent.grammar import Grammar
 from ibisagent.io import read_image, read_mask
 from ibisagent.policies.hf_vlm import ModelLoadError, load_pretrained
 from ibisagent.render import overlay
+from ibisagent.specs import HISTORY_MODES, PolicySpec
 from ibisagent.types import Action
 
-from .common import IGNORE_INDEX, collate, freeze_vision, pad_token_id
+from .common import IGNORE_INDEX, collate, freeze_vision, pad_token_id, spec_field
 from .prompts import InstructionLibrary
 from .reasoning import StepContext, describe_step, step_context, undo_context
 from .records import TrajectoryRecord, iter_kept
@@ -86,8 +87,8 @@ class ConversationBuilder:
         reasoning: bool = True,
         decimals: int = 4,
     ):
-        if history not in ("full", "current"):
-            raise ValueError(f"history must be 'full' or 'current', got {history!r}")
+        if history not in HISTORY_MODES:
+            raise ValueError(f"history must be one of {', '.join(HISTORY_MODES)}, got {history!r}")
         self.library = library or InstructionLibrary()
         if not 1 <= decimals <= 6:
             raise ValueError(f"decimals must be between 1 and 6, got {decimals}")
@@ -303,31 +304,50 @@ class SFTDataset:
 # -- training ----------------------------------------------------------------------------------------------------------
 @dataclass
 class SFTDataArguments:
-    """Where the SFT data comes from and how conversations are built (the rest is trl's SFTConfig / ModelConfig)."""
+    """Where the SFT data comes from and how conversations are built (the rest is trl's SFTConfig / ModelConfig).
+
+    The chat options are the inference policy's (`PolicySpec` fields: dialect, history, template_dir, min_pixels,
+    max_pixels), so that `policy_spec(model)` is the policy that sees what this data trains; the policy's model and
+    dtype are trl's `--model_name_or_path` and `--dtype` here, its decoding options have no meaning in SFT.
+    """
 
     trajectories: str = field(default="", metadata={"help": "output folder of `ibisagent-train trajectories`"})
     variants: str = field(
         default="gold,self_correction,user_inconsistency", metadata={"help": "record variants to train on"}
     )
-    history: str = field(
-        default="full", metadata={"help": "full: one conversation per trajectory; current: one per step"}
+    history: str = spec_field(
+        PolicySpec, "history", help="full: one conversation per trajectory; current: one per step (as the policy)"
     )
     first_step_only: bool = field(
         default=False, metadata={"help": "with history current: only each trajectory's first trained step"}
     )
-    dialect: str = field(default="ibis", metadata={"help": "action grammar the assistant writes: ibis or released"})
-    template_dir: str | None = field(default=None, metadata={"help": "prompt templates folder (default: packaged)"})
+    dialect: str = spec_field(PolicySpec, "dialect")
+    template_dir: str | None = spec_field(PolicySpec, "template_dir")
     absent_fraction: float = field(default=0.1, metadata={"help": "extra absent-target questions per gold record"})
     max_records: int | None = field(default=None, metadata={"help": "use at most this many records"})
     freeze_vision_tower: bool = field(default=False, metadata={"help": "train the language model (and merger) only"})
-    min_pixels: int | None = field(default=None, metadata={"help": "image processor pixel budget, lower bound"})
-    max_pixels: int | None = field(default=None, metadata={"help": "image processor pixel budget, upper bound"})
+    min_pixels: int | None = spec_field(PolicySpec, "min_pixels")
+    max_pixels: int | None = spec_field(PolicySpec, "max_pixels")
     build_seed: int = field(default=0, metadata={"help": "seed of instruction/reasoning/answer choices"})
     instructions: str | None = field(
         default=None, metadata={"help": "instruction library file (json/yaml, prompts.InstructionLibrary.from_file)"}
     )
     reasoning: bool = field(default=True, metadata={"help": "write <think> reasoning (False: empty <think>)"})
     decimals: int = field(default=4, metadata={"help": "decimals of the coordinates the assistant writes"})
+
+    def __post_init__(self) -> None:
+        self.policy_spec()  # checks the chat options
+
+    def policy_spec(self, model: str | None = None) -> PolicySpec:
+        """The inference policy whose conversations this data reproduces (greedy decoding by default)."""
+        return PolicySpec(
+            model=model,
+            dialect=self.dialect,
+            history=self.history,
+            template_dir=self.template_dir,
+            min_pixels=self.min_pixels,
+            max_pixels=self.max_pixels,
+        )
 
 
 def load_records(folder: str | Path, variants: list[str], max_records: int | None = None) -> list[TrajectoryRecord]:

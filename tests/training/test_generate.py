@@ -11,6 +11,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from ibisagent.trajectory import Trajectory
 from ibisagent_training.generate import GenerateConfig, Shard, generate, merge_stats
@@ -88,11 +89,11 @@ def test_killed_run_resumes_without_loss_or_duplicates(small_demo, tmp_path):
         str(small_demo),
         "--out",
         str(out),
-        "--max-steps",
+        "--max_steps",
         "8",
-        "--stop-iou",
+        "--stop_iou",
         "0.85",
-        "--self-correction",
+        "--self_correction",
         "1.0",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -134,3 +135,31 @@ def test_stats_command_prints_the_paper_tables(small_demo, tmp_path):
     assert "| CT |" in proc.stdout and "| Total |" in proc.stdout and "seconds:" in proc.stdout
     assert main(["stats", str(tmp_path / "nothing-here")]) == 2
     assert main(["trajectories", str(small_demo), "--out", str(tmp_path / "x"), "--shard", "3/2"]) == 2
+
+
+def test_trajectories_flags_are_the_config_fields_and_older_spellings_still_parse():
+    """Flags are spelled like GenerateConfig's fields (underscores, as sft and grpo); the tool's are ToolSpec's. The
+    dashed spellings and the tool config's older name (--config) give the same config, and are not in --help."""
+    from ibisagent.specs import SpecError, ToolSpec
+    from ibisagent_training.cli import _from_args, build_parser
+
+    parser = build_parser()
+    new = ["trajectories", "root", "--out", "o", "--stop_iou", "0.8", "--self_correction", "0.5"]
+    new += ["--tool", "sam2", "--checkpoint", "w.pt", "--tool_config", "sam2.1_hiera_t", "--device", "cuda:1"]
+    old = ["trajectories", "root", "--out", "o", "--stop-iou", "0.8", "--self-correction", "0.5"]
+    old += ["--tool", "sam2", "--checkpoint", "w.pt", "--config", "sam2.1_hiera_t", "--device", "cuda:1"]
+    config = _from_args(GenerateConfig, parser.parse_args(new))
+    assert config == _from_args(GenerateConfig, parser.parse_args(old))
+    assert isinstance(config, ToolSpec) and (config.tool, config.checkpoint, config.tool_config) == (
+        "sam2",
+        "w.pt",
+        "sam2.1_hiera_t",
+    )
+    assert config.stop_iou == 0.8 and config.self_correction == 0.5 and config.device == "cuda:1"
+    trajectories = next(a for a in parser._actions if a.dest == "command").choices["trajectories"]
+    shown = trajectories.format_help()
+    assert "--self_correction" in shown and "--self-correction" not in shown and "--config" not in shown
+    with pytest.raises(SystemExit):  # argparse names the flag and the choices
+        parser.parse_args(["trajectories", "root", "--out", "o", "--tool", "nope"])
+    with pytest.raises(SpecError, match="tool 'nope' is invalid"):
+        GenerateConfig(tool="nope")

@@ -331,6 +331,31 @@ def test_vqa_rows_and_bad_options(setup, tmp_path):
     assert _args(root, rewards='{"click_bonus": 2}').reward_config().click_bonus == 2
 
 
+def test_grpo_arguments_embed_the_tool_and_policy_specs():
+    """The tool options are ToolSpec's fields, the shared policy options PolicySpec's (same help and checks); the
+    old --tool_checkpoint still reads on the command line; policy_spec() is the sampling, full-history policy."""
+    from ibisagent.specs import PolicySpec, SpecError, ToolSpec
+    from ibisagent_training.grpo.trainer import build_parser
+
+    args = GRPOArguments(tool="sam2", checkpoint="w.pt", tool_config="sam2.1_hiera_t", temperature=0.7, seed=3)
+    assert isinstance(args, ToolSpec) and args.max_new_tokens == 256
+    spec = args.policy_spec()
+    assert isinstance(spec, PolicySpec) and spec.sample and spec.history == "full"
+    assert (spec.temperature, spec.seed, spec.max_new_tokens) == (0.7, 3, 256)
+    with pytest.raises(SpecError, match="tool 'nope' is invalid"):
+        GRPOArguments(tool="nope")
+    with pytest.raises(SpecError, match="temperature 0.0 is invalid"):
+        GRPOArguments(temperature=0.0)
+    with pytest.raises(SpecError, match="dialect 'x' is invalid"):
+        GRPOArguments(dialect="x")
+    parser = build_parser()
+    (parsed,) = parser.parse_args_and_config(args=["--tool_checkpoint", "old.pt", "--tool_config", "t"])
+    assert (parsed.checkpoint, parsed.tool_config) == ("old.pt", "t")
+    (parsed,) = parser.parse_args_and_config(args=["--checkpoint", "new.pt"])
+    assert parsed.checkpoint == "new.pt"
+    assert "--tool_checkpoint" not in parser.format_help() and "--checkpoint" in parser.format_help()
+
+
 def test_grpo_cli_errors(setup, capsys):
     from ibisagent_training.cli import main
 

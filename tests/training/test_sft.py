@@ -115,6 +115,21 @@ def test_current_history_gives_one_sample_per_trained_step(trajectories, tiny):
         SFTDataset(records, processor, ConversationBuilder(history="full"), first_step_only=True)
 
 
+def test_sft_chat_options_are_the_policy_specs():
+    """dialect, history, template_dir and the pixel budget are PolicySpec's fields (same checks); policy_spec(model)
+    is the inference policy that sees what this data trains."""
+    from ibisagent.specs import SpecError
+    from ibisagent_training.sft import SFTDataArguments
+
+    data = SFTDataArguments(history="current", dialect="released", max_pixels=112 * 112)
+    spec = data.policy_spec("out/model")
+    assert (spec.model, spec.history, spec.dialect, spec.max_pixels) == ("out/model", "current", "released", 12544)
+    with pytest.raises(SpecError, match="history 'last' is invalid"):
+        SFTDataArguments(history="last")
+    with pytest.raises(SpecError, match="min_pixels 0 is invalid"):
+        SFTDataArguments(min_pixels=0)
+
+
 def _train(trajectories, model_dir, out_dir, steps, resume=None, save_steps=2):
     from trl import ModelConfig, SFTConfig
 

@@ -1,11 +1,28 @@
 """The options of a GRPO run (`ibisagent-train grpo --help`): a dataclass that trl's `TrlParser` fills from the
-command line and a yaml file, as trl's `GRPOConfig` is kept apart from its trainer."""
+command line and a yaml file, as trl's `GRPOConfig` is kept apart from its trainer.
+
+The segmentation tool's options are the core's `ToolSpec` (inherited: `--tool`, `--checkpoint`, `--tool_config`, as
+in the `ibisagent` command and the server's `--conf`; the old `--tool_checkpoint` is still read on the command line).
+The options GRPO shares with the inference policy are `PolicySpec` fields (`common.spec_field`): dialect,
+template_dir, min_pixels, max_pixels, max_new_tokens, temperature, top_p, seed; `policy_spec()` is the policy the
+rollouts run. Where the names meet, GRPO's meaning is:
+
+- model: the spec's `model` is GRPO's `model_name_or_path` (trl's name for the starting checkpoint).
+- max_new_tokens: default 256, not 512 (a rollout turn is one short <think>/<action>).
+- temperature: the sampling temperature, and also the one the training pass divides its logits by.
+- seed: seeds prompt order, sampling and initialisation, not only sampling.
+- sample, history: not options: rollouts always sample and keep the whole episode (history "full").
+- top_k: GRPO's own (the spec has none).
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 
+from ibisagent.specs import PolicySpec, ToolSpec
+
+from ..common import spec_field
 from ..rewards import RewardConfig
 
 MODES = ("multi_turn", "step")
@@ -15,9 +32,10 @@ LR_SCHEDULERS = ("constant", "linear", "cosine")
 
 
 @dataclass
-class GRPOArguments:
+class GRPOArguments(ToolSpec):
     """Everything a GRPO run needs (`ibisagent-train grpo --help`); rewards are `RewardConfig` fields prefixed
-    `reward_` in yaml under `rewards:` or given as `--rewards '{"click_bonus": 0.5}'`."""
+    `reward_` in yaml under `rewards:` or given as `--rewards '{"click_bonus": 0.5}'`. The tool fields (tool,
+    checkpoint, tool_config) are the `ToolSpec` this class extends."""
 
     model_name_or_path: str = field(default="", metadata={"help": "policy checkpoint: a local folder or a Hub id"})
     output_dir: str = field(default="grpo-out", metadata={"help": "checkpoints, metrics.jsonl and the final model"})
@@ -36,13 +54,8 @@ class GRPOArguments:
     instructions: str | None = field(
         default=None, metadata={"help": "instruction library file (json/yaml, prompts.InstructionLibrary.from_file)"}
     )
-    template_dir: str | None = field(default=None, metadata={"help": "prompt templates folder (default: packaged)"})
-    dialect: str = field(default="ibis", metadata={"help": "action grammar: ibis or released"})
-    tool: str = field(
-        default="classical", metadata={"help": "segmentation tool: classical, sam2, medsam2, sam, medsam"}
-    )
-    tool_checkpoint: str | None = field(default=None, metadata={"help": "the tool's weights (model tools)"})
-    tool_config: str | None = field(default=None, metadata={"help": "the tool's config name (model tools)"})
+    template_dir: str | None = spec_field(PolicySpec, "template_dir")
+    dialect: str = spec_field(PolicySpec, "dialect")
     max_turns: int = field(default=8, metadata={"help": "step limit of a multi-turn episode"})
     max_invalid: int = field(
         default=1, metadata={"help": "unusable outputs in a row that end an episode (before: retried with feedback)"}
@@ -64,13 +77,13 @@ class GRPOArguments:
     beta: float = field(default=0.0, metadata={"help": "KL coefficient; only 0 is supported (no reference model)"})
     loss_type: str = field(default="dapo", metadata={"help": "dapo: token mean over the batch; grpo: per sequence"})
     scale_rewards: str = field(default="group", metadata={"help": "group: divide advantages by the group std; none"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (rollouts and log-probs)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
+    temperature: float = spec_field(PolicySpec, "temperature", help="sampling temperature (rollouts and log-probs)")
+    top_p: float = spec_field(PolicySpec, "top_p")
     top_k: int = field(default=0, metadata={"help": "top-k sampling (0: off)"})
-    max_new_tokens: int = field(default=256, metadata={"help": "tokens per model turn"})
+    max_new_tokens: int = spec_field(PolicySpec, "max_new_tokens", default=256)
     micro_batch_size: int = field(default=4, metadata={"help": "sequences per forward/backward pass"})
-    min_pixels: int | None = field(default=None, metadata={"help": "image processor pixel budget, lower bound"})
-    max_pixels: int | None = field(default=None, metadata={"help": "image processor pixel budget, upper bound"})
+    min_pixels: int | None = spec_field(PolicySpec, "min_pixels")
+    max_pixels: int | None = spec_field(PolicySpec, "max_pixels")
     freeze_vision_tower: bool = field(default=False, metadata={"help": "train the language model (and merger) only"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     mixed_precision: str = field(default="no", metadata={"help": "accelerate mixed precision: no, bf16, fp16"})
@@ -82,12 +95,13 @@ class GRPOArguments:
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "a checkpoint folder, or 'last' for the newest in output_dir"}
     )
-    seed: int = field(default=0, metadata={"help": "seed of prompt order, sampling and initialisation"})
+    seed: int = spec_field(PolicySpec, "seed", help="seed of prompt order, sampling and initialisation")
     rewards: str | None = field(
         default=None, metadata={"help": "RewardConfig fields: a mapping in yaml, a JSON object on the command line"}
     )
 
     def __post_init__(self):
+        super().__post_init__()  # the tool
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.loss_type not in LOSS_TYPES:
@@ -121,8 +135,7 @@ class GRPOArguments:
             raise ValueError(f"vqa_fraction must be in [0, 1], got {self.vqa_fraction}")
         if self.vqa_fraction > 0 and not self.vqa_file:
             raise ValueError("vqa_fraction > 0 needs --vqa_file (a JSON list of {image, question, answer} rows)")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        self.policy_spec()  # checks the policy options
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         if isinstance(self.rewards, str):
@@ -131,6 +144,22 @@ class GRPOArguments:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"--rewards must be a JSON object of RewardConfig fields: {exc}") from None
         self.reward_config()  # validates the reward options
+
+    def policy_spec(self) -> PolicySpec:
+        """The policy the rollouts run: this run's checkpoint and chat options, sampling, whole-episode history."""
+        return PolicySpec(
+            model=self.model_name_or_path or None,
+            dialect=self.dialect,
+            history="full",
+            template_dir=self.template_dir,
+            min_pixels=self.min_pixels,
+            max_pixels=self.max_pixels,
+            max_new_tokens=self.max_new_tokens,
+            sample=True,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+        )
 
     def reward_config(self) -> RewardConfig:
         options = dict(self.rewards or {})

@@ -3,6 +3,7 @@ run, per-step metrics, and the `ibisagent-train grpo` entry point."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
@@ -19,7 +20,6 @@ from ibisagent._compat import ensure_torchvision
 from ibisagent.chat import PromptTemplates
 from ibisagent.metrics import click_in_target, dice
 from ibisagent.policies.hf_vlm import ModelLoadError, load_pretrained
-from ibisagent.specs import ToolSpec
 from ibisagent.tools import ToolError
 
 from ..common import collate, freeze_vision, pad_token_id
@@ -274,9 +274,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _tool_factory(args: GRPOArguments, device: str) -> Callable[[], Any]:
-    """Builds the rollout tool on this process's device (a model tool on CPU would serialise GPU training)."""
-    spec = ToolSpec(args.tool, args.tool_checkpoint, args.tool_config)
-    return lambda: spec.build(device)
+    """Builds the rollout tool (`args` is a ToolSpec) on this process's device (a model tool on CPU would serialise
+    GPU training)."""
+    return lambda: args.build(device)
 
 
 def _step_metrics(rollouts: list[Rollout], args: GRPOArguments) -> dict:
@@ -327,11 +327,19 @@ def _format_metrics(m: dict) -> str:
     return " ".join(f"{k}={m[k]:.4g}" if isinstance(m.get(k), float) else f"{k}={m.get(k)}" for k in keys if k in m)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser():
+    """trl's `TrlParser` for `GRPOArguments` (command line and `--config <yaml>`)."""
     ensure_torchvision()
     from trl import TrlParser
 
     parser = TrlParser((GRPOArguments,), prog="ibisagent-train grpo")
+    # The tool's weights were --tool_checkpoint before GRPOArguments took ToolSpec's fields; still read, not shown.
+    parser.add_argument("--tool_checkpoint", dest="checkpoint", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     try:
         (args,) = parser.parse_args_and_config(args=argv)
         trainer = GRPOTrainer(args)
