@@ -64,3 +64,9 @@ def spec_field(spec: type, name: str, default: Any = MISSING, help: str | None =
     if help is not None:
         metadata["help"] = help
     return field(default=found[name].default if default is MISSING else default, metadata=metadata)
+
+
+def spec_values(spec: type, config: Any) -> dict[str, Any]:
+    """The values `config` holds for fields of the spec dataclass `spec` (those it declares with `spec_field`, or
+    inherits), by field name: the keyword arguments that rebuild that part of the spec."""
+    return {f.name: getattr(config, f.name) for f in fields(spec) if hasattr(config, f.name)}

@@ -43,7 +43,7 @@ from ibisagent.render import overlay
 from ibisagent.specs import HISTORY_MODES, PolicySpec
 from ibisagent.types import Action
 
-from .common import IGNORE_INDEX, collate, freeze_vision, pad_token_id, spec_field
+from .common import IGNORE_INDEX, collate, freeze_vision, pad_token_id, spec_field, spec_values
 from .prompts import InstructionLibrary
 from .reasoning import StepContext, describe_step, step_context, undo_context
 from .records import TrajectoryRecord, iter_kept
@@ -340,14 +340,7 @@ class SFTDataArguments:
 
     def policy_spec(self, model: str | None = None) -> PolicySpec:
         """The inference policy whose conversations this data reproduces (greedy decoding by default)."""
-        return PolicySpec(
-            model=model,
-            dialect=self.dialect,
-            history=self.history,
-            template_dir=self.template_dir,
-            min_pixels=self.min_pixels,
-            max_pixels=self.max_pixels,
-        )
+        return PolicySpec(model=model, **spec_values(PolicySpec, self))
 
 
 def load_records(folder: str | Path, variants: list[str], max_records: int | None = None) -> list[TrajectoryRecord]:

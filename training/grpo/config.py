@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from ibisagent.specs import PolicySpec, ToolSpec
 
-from ..common import spec_field
+from ..common import spec_field, spec_values
 from ..rewards import RewardConfig
 
 MODES = ("multi_turn", "step")
@@ -147,19 +147,8 @@ class GRPOArguments(ToolSpec):
 
     def policy_spec(self) -> PolicySpec:
         """The policy the rollouts run: this run's checkpoint and chat options, sampling, whole-episode history."""
-        return PolicySpec(
-            model=self.model_name_or_path or None,
-            dialect=self.dialect,
-            history="full",
-            template_dir=self.template_dir,
-            min_pixels=self.min_pixels,
-            max_pixels=self.max_pixels,
-            max_new_tokens=self.max_new_tokens,
-            sample=True,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            seed=self.seed,
-        )
+        shared = spec_values(PolicySpec, self)  # dialect, template_dir, pixel budget, decoding options, seed
+        return PolicySpec(model=self.model_name_or_path or None, history="full", sample=True, **shared)
 
     def reward_config(self) -> RewardConfig:
         options = dict(self.rewards or {})
