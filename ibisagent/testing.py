@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ibisagent._compat import ensure_torchvision
-from ibisagent.chat import QWEN_SPECIAL_TOKENS
+from ibisagent.chat import END_OF_TURN, QWEN_SPECIAL_TOKENS
 
 # The grammar's section tags (ibisagent.grammar). With a byte-level vocabulary each tag would cost 7-9 tokens;
 # as single (non-special) tokens they survive `skip_special_tokens` decoding, shorten prompts and targets, and give
@@ -67,7 +67,7 @@ def build_tiny_tokenizer(grammar_tokens: bool = True):
         vocab=vocab,
         merges=[],
         unk_token=None,
-        eos_token="<|im_end|>",
+        eos_token=END_OF_TURN,
         pad_token="<|endoftext|>",
         errors="replace",
     )

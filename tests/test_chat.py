@@ -18,7 +18,7 @@ ensure_torchvision()
 torch = pytest.importorskip("torch", reason="the chat format is checked through a real processor")
 pytest.importorskip("transformers", reason="the chat format is checked through a real processor")
 
-from ibisagent.chat import PromptTemplates, observation_image, pixel_budget, turn_messages  # noqa: E402
+from ibisagent.chat import END_OF_TURN, PromptTemplates, observation_image, pixel_budget, turn_messages  # noqa: E402
 from ibisagent.episode import Episode  # noqa: E402
 from ibisagent.loop import run_episode  # noqa: E402
 from ibisagent.policies.hf_vlm import HFVLMPolicy  # noqa: E402
@@ -149,7 +149,7 @@ class _ScriptedSampler:
     def request(self, slot: int, inputs: dict):
         self.requests.append(inputs)
         ids = self.processor.tokenizer(self.texts[len(self.requests) - 1], add_special_tokens=False)["input_ids"]
-        end = self.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        end = self.processor.tokenizer.convert_tokens_to_ids(END_OF_TURN)
         return [*ids, end], [0.0] * (len(ids) + 1)
 
 

@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ibisagent.datasets import find_split, pair_split, parse_image_name
+from ibisagent.tools.base import as_rgb_uint8
 
 
 class SampleError(ValueError):
@@ -175,8 +177,6 @@ def write_coco_json(split_dir: str | Path, out: str | Path | None = None) -> Pat
     Sentences are "<target> in <modality> <site>" as a minimal description; categories are the target names.
     Returns the written path (default: `<dataset>/<split>.json`, beside the split folder).
     """
-    from PIL import Image
-
     images_dir, masks_dir = find_split(split_dir)
     report = DataReport()
     entries = _entries_from_names(images_dir, masks_dir, images_dir.parent.name, report)
@@ -206,8 +206,6 @@ def write_coco_json(split_dir: str | Path, out: str | Path | None = None) -> Pat
 # -- loading (MONAI) ---------------------------------------------------------------------------------------------------
 def _to_agent_arrays(d: dict) -> dict:
     """MONAI-loaded arrays -> the agent's frame: image HxWx3 uint8, label HxW bool (first channel > 0)."""
-    from ibisagent.tools.base import as_rgb_uint8
-
     image = np.asarray(d["image"])
     label = np.asarray(d["label"])
     label = (label[..., 0] if label.ndim == 3 else label) > 0

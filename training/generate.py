@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from ibisagent.episode import Episode
 from ibisagent.grammar import Grammar
+from ibisagent.io import ImageReadError, read_mask
 from ibisagent.loop import run_episode
 from ibisagent.metrics import dice, iou
 from ibisagent.policies.base import Observation
@@ -157,8 +158,6 @@ class _ReflectivePolicy:
 
 def _read_other_mask(path: str, shape: tuple[int, int]) -> np.ndarray:
     """Another mask of the same image (HxW bool; empty when unreadable or of another size: it is then not used)."""
-    from ibisagent.io import ImageReadError, read_mask
-
     try:
         return read_mask(path, shape)
     except ImageReadError:

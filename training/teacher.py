@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from PIL import Image
 
 from ibisagent.types import Click
 
@@ -350,8 +351,6 @@ def privileged_view(image: np.ndarray, mask: np.ndarray, gt: np.ndarray, clicks:
 
 def png_data_url(image: np.ndarray, max_side: int = 1024) -> str:
     """An HxWx3 uint8 image as a `data:image/png;base64,...` URL, downscaled so its longer side is <= max_side."""
-    from PIL import Image
-
     pil = Image.fromarray(np.asarray(image, np.uint8))
     if max(pil.size) > max_side:
         scale = max_side / max(pil.size)
