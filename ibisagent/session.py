@@ -3,7 +3,7 @@
 The user clicks (one step per batch of clicks), removes clicks, or goes back to an earlier step; the agent continues
 from whatever is shown, for a bounded number of actions. All of it is one Episode and one Trajectory, and every step
 (the agent's or the user's) is recorded by `ibisagent.loop.record_step`. The MONAI Label task maps requests onto this
-class; the CLI's episodes are sessions the agent runs alone.
+class; where the agent works alone (the CLI, evaluation, training) `ibisagent.loop.run_episode` is all there is.
 
 Changes come in two phases so that a refused request changes nothing: `plan` checks an edit against the session and
 returns it, `apply` carries it out. `add_clicks`, `remove_clicks` and `undo_to` do both at once.

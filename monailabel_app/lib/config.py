@@ -30,6 +30,16 @@ class AppConfig(ToolSpec, PolicySpec):
         metadata={"help": "tool instances, each holding one slice's embedding (each > 1 loads the tool again)"},
     )
     labels: str = field(default="target", metadata={"help": "comma-separated label names listed in /info/"})
+    max_clicks: int = field(default=64, metadata={"help": "foreground + background points of one request at most"})
+    max_session_steps: int = field(
+        default=200, metadata={"help": "steps of one session at most (a longer one must start a new session)"}
+    )
+    max_upload_mb: int = field(
+        default=1024, metadata={"help": "megabytes of one request body at most (image, label and form fields)"}
+    )
+    max_image_megapixels: int = field(
+        default=64, metadata={"help": "pixels of a study image or slice at most, in millions (checked from its header)"}
+    )
 
     def __post_init__(self) -> None:  # both bases' checks (the dataclass __init__ calls only the first in the MRO)
         ToolSpec.__post_init__(self)
@@ -68,7 +78,15 @@ class AppConfig(ToolSpec, PolicySpec):
 
         if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
             raise bad("device", "cpu, cuda, cuda:<index> or mps")
-        for key in ("max_steps", "max_sessions", "embedding_cache"):
+        for key in (
+            "max_steps",
+            "max_sessions",
+            "embedding_cache",
+            "max_clicks",
+            "max_session_steps",
+            "max_upload_mb",
+            "max_image_megapixels",
+        ):
             if getattr(self, key) < 1:
                 raise bad(key, "an integer of at least 1")
         if not self.session_ttl > 0:

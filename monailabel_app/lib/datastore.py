@@ -3,22 +3,42 @@
 MONAI Label 0.8.5 joins the `image` id of `PUT /datastore/image` and the `tag` of `PUT /datastore/label` onto the
 studies folder as they come, so `../x` or an absolute path writes a file outside it (which is then listed as an
 image), and an id linked to a file elsewhere is overwritten there. It also answers an unknown id with the path ""
-(the server's working directory), which the /infer endpoint reads as a DICOM series for a `.bin` label upload.
+(the server's working directory), and `DELETE /datastore/image` of a study that is a link deletes the linked file.
+It rewrites its index (`datastore_v2.json`) in place, so a kill during the write leaves a broken index that stops
+the next start. This class closes each of these.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
+import tempfile
+import time
 from typing import Any
 
 from monailabel.datastore.local import LocalDatastore
 
 from .errors import RequestError
 
+logger = logging.getLogger(__name__)
+
+MAX_NAME = 128  # characters of an image id or a label tag
+MAX_INFO_BYTES = 64 * 1024  # an image's or label's info (PUT /datastore/image/info), as JSON
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
 
 class StudiesDatastore(LocalDatastore):
     """`LocalDatastore` that refuses (400) an image id or label tag that is not a plain name or whose file would lie
-    outside the studies folder, and answers an unknown image id with 404 instead of an empty path."""
+    outside the studies folder, answers an unknown image id with 404 instead of an empty path, deletes a linked
+    study's link (never the file it points to), bounds the info a client stores, and writes its index atomically
+    (a broken index found at start is set aside and rebuilt from the folder)."""
+
+    def __init__(self, datastore_path: str, *args, **kwargs):
+        index = os.path.join(datastore_path, kwargs.get("datastore_config", "datastore_v2.json"))
+        _set_aside_if_broken(index)
+        super().__init__(datastore_path, *args, **kwargs)
 
     def get_image_uri(self, image_id: str) -> str:
         if image_id not in self._datastore.objects:
@@ -26,19 +46,102 @@ class StudiesDatastore(LocalDatastore):
         return super().get_image_uri(image_id)
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
-        if image_id:  # empty: MONAI Label takes the id from the temporary file's name
-            _check_name("image", image_id)
-            _, ext = self._to_id(os.path.basename(image_filename))
-            self._check_inside(os.path.join(self._datastore.image_path(), self._filename(image_id, ext)), "image")
+        try:
+            if image_id:  # empty: MONAI Label takes the id from the temporary file's name
+                _check_name("image", image_id)
+                _, ext = self._to_id(os.path.basename(image_filename))
+                self._check_inside(os.path.join(self._datastore.image_path(), self._filename(image_id, ext)), "image")
+            _check_info(image_info, "params")
+        except RequestError:
+            _remove_upload(image_filename)
+            raise
         return super().add_image(image_id, image_filename, image_info)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        try:
+            if image_id not in self._datastore.objects:
+                raise RequestError(404, f"unknown image id {_show(image_id)}; GET /datastore/?output=all lists the ids")
+            _check_name("tag", label_tag)
+            _, ext = self._to_id(os.path.basename(label_filename))
+            path = os.path.join(self._datastore.label_path(label_tag), self._filename(image_id, ext))
+            self._check_inside(path, "tag")
+            _check_info(label_info, "params")
+        except RequestError:
+            _remove_upload(label_filename)
+            raise
+        return super().save_label(image_id, label_filename, label_tag, label_info)
+
+    def remove_image(self, image_id: str) -> None:
+        """Remove the image and its labels. A study that is a link loses its link; the linked file stays."""
+        obj = self._datastore.objects.get(image_id)
+        if obj is None:
+            raise RequestError(404, f"unknown image id {_show(image_id)}; GET /datastore/?output=all lists the ids")
+        path = os.path.join(self._datastore.image_path(), self._filename(image_id, obj.image.ext))
+        if os.path.islink(path):
+            for tag in list(obj.labels):
+                self.remove_label(image_id, tag)
+            os.unlink(path)  # the link itself
+            logger.info("removed the linked study %s (its target is kept)", _show(image_id))
+            self.refresh()
+            return
+        self._check_inside(path, "id")
+        super().remove_image(image_id)
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        _check_name("tag", label_tag)
+        obj = self._datastore.objects.get(label_id)
+        if obj is None or label_tag not in obj.labels:
+            raise RequestError(404, f"image {_show(label_id)} has no label tagged {_show(label_tag)}")
+        path = os.path.join(self._datastore.label_path(label_tag), self._filename(label_id, obj.labels[label_tag].ext))
+        if os.path.islink(path):
+            os.unlink(path)
+            self.refresh()
+            return
+        self._check_inside(path, "tag")
+        super().remove_label(label_id, label_tag)
+
+    def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
         if image_id not in self._datastore.objects:
             raise RequestError(404, f"unknown image id {_show(image_id)}; GET /datastore/?output=all lists the ids")
-        _check_name("tag", label_tag)
-        _, ext = self._to_id(os.path.basename(label_filename))
-        self._check_inside(os.path.join(self._datastore.label_path(label_tag), self._filename(image_id, ext)), "tag")
-        return super().save_label(image_id, label_filename, label_tag, label_info)
+        _check_info(info, "info")
+        _check_info({**self._datastore.objects[image_id].image.info, **info}, "the image's info with this update")
+        return super().update_image_info(image_id, info)
+
+    def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
+        obj = self._datastore.objects.get(label_id)
+        if obj is None or label_tag not in obj.labels:
+            raise RequestError(404, f"image {_show(label_id)} has no label tagged {_show(label_tag)}")
+        _check_info(info, "info")
+        _check_info({**obj.labels[label_tag].info, **info}, "the label's info with this update")
+        return super().update_label_info(label_id, label_tag, info)
+
+    def _update_datastore_file(self, lock=True):
+        """Write the index to a temporary file beside it, then rename it over the old one: a kill at any moment
+        leaves the old index or the new one, never a partial file."""
+        from filelock import FileLock
+
+        def write():
+            self._ignore_event_config = True
+            text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+            folder = os.path.dirname(self._datastore_config_path)
+            fd, tmp = tempfile.mkstemp(prefix=".datastore-", suffix=".json.tmp", dir=folder)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(text)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self._datastore_config_path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+        if lock:
+            with FileLock(self._lock_file):
+                write()
+        else:
+            write()
 
     def _check_inside(self, path: str, field: str) -> None:
         """Links resolved, `path` must stay in the studies folder (a linked study file is read, never written)."""
@@ -51,11 +154,62 @@ class StudiesDatastore(LocalDatastore):
 
 def _check_name(field: str, value: Any) -> None:
     if not (isinstance(value, str) and value.strip() and value not in (".", "..")) or any(
-        c in value for c in ("/", "\\", "\0")
+        c in value for c in ("/", "\\")
     ):
         raise RequestError(
-            400, f"{field} {_show(value)} must be a plain name: no '/', '\\', NUL, and not '.' or '..' (not a path)"
+            400, f"{field} {_show(value)} must be a plain name: no '/', '\\', and not '.' or '..' (not a path)"
         )
+    if len(value) > MAX_NAME or _CONTROL.search(value) or not _encodable(value):
+        raise RequestError(
+            400,
+            f"{field} {_show(value)} must be at most {MAX_NAME} characters without control characters (newline, "
+            "NUL, ...) and valid UTF-8",
+        )
+
+
+def _check_info(info: Any, field: str) -> None:
+    """Info a client stores with an image or label: a JSON object of at most MAX_INFO_BYTES."""
+    if not isinstance(info, dict):
+        raise RequestError(400, f"{field} must be a JSON object, got {type(info).__name__}")
+    try:
+        size = len(json.dumps(info).encode("utf-8"))
+    except (TypeError, ValueError, UnicodeEncodeError, RecursionError) as exc:
+        raise RequestError(400, f"{field} cannot be stored: {type(exc).__name__}") from exc
+    if size > MAX_INFO_BYTES:
+        raise RequestError(400, f"{field} is {size} bytes as JSON; at most {MAX_INFO_BYTES} are stored")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, which JSON's \ud800 escapes can carry
+        return False
+    return True
+
+
+def _remove_upload(path: str) -> None:
+    """Delete the temporary copy MONAI Label made of a refused upload (its own clean-up runs only on success)."""
+    real = os.path.realpath(path)
+    if os.path.dirname(real) == os.path.realpath(tempfile.gettempdir()) and os.path.isfile(real):
+        os.unlink(real)
+
+
+def _set_aside_if_broken(index: str) -> None:
+    """An index that cannot be read (empty after a kill during a write of an older server, or edited by hand) is
+    renamed, with a warning; MONAI Label then rebuilds it from the files in the folder."""
+    if not os.path.isfile(index):
+        return
+    try:
+        with open(index, encoding="utf-8") as f:
+            json.load(f)
+        return
+    except (ValueError, UnicodeDecodeError):
+        pass
+    aside = f"{index}.broken-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.replace(index, aside)
+    logger.warning(
+        "the datastore index %s could not be read; kept as %s, rebuilt from the studies folder", index, aside
+    )
 
 
 def _show(value: Any, limit: int = 80) -> str:

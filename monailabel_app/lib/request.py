@@ -8,9 +8,6 @@ the 2D slice or [i, j, k] voxel indices (`ibisagent.geometry`).
 from __future__ import annotations
 
 import math
-import os
-import re
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +16,9 @@ from ibisagent.types import Click
 
 from .errors import RequestError
 
-# What a client may send in the request's params ("label" is also where MONAI Label puts an uploaded label's path).
+IMAGE_ID_KEY = "ibisagent_image_id"  # the request's image id, checked against the datastore by the app
+UPLOAD_KEY = "ibisagent_label_upload"  # the path of the request's uploaded label, put there by the app's /infer
+# What a client may send in the request's params ("label": a segment's name, as Slicer's stock module sends it).
 FIELDS = (
     "instruction",
     "slice",
@@ -34,8 +33,6 @@ FIELDS = (
     "target",
     "label",
 )
-# The name tempfile.NamedTemporaryFile gives, which is how MONAI Label's /infer endpoint saves an uploaded label.
-_UPLOAD_NAME = re.compile(r"tmp[a-z0-9_]{8}(\.[A-Za-z0-9]+)*")
 _MAX_POINTS = 256
 # Text that reaches the model's prompt: a megabyte-long instruction kept a tiny model busy for minutes.
 _MAX_INSTRUCTION, _MAX_NAME = 2000, 200
@@ -61,7 +58,8 @@ class AgentParams:
     label_file: str | None
 
     @classmethod
-    def parse(cls, request: dict, step_limit: int) -> AgentParams:
+    def parse(cls, request: dict, step_limit: int, max_clicks: int = 64) -> AgentParams:
+        label_file = request.get(UPLOAD_KEY)
         request = _Fields(request)
         instruction = request.get("instruction")
         if instruction is not None:
@@ -87,22 +85,29 @@ class AgentParams:
         target = request.get("target")
         if target is not None and (not isinstance(target, str) or not target.strip()):
             raise RequestError(400, f"params.target must be a non-empty string, got {show(target)}")
-        # MONAI Label puts an uploaded label's temporary path under "label"; Slicer's stock module sends the
-        # segment's name there. Only a fresh upload in the temp folder is read as a file.
+        # Slicer's stock module sends the segment's name under "label" (an uploaded file arrives under UPLOAD_KEY).
         label = request.get("label")
         if label is not None and not isinstance(label, str):
             raise RequestError(400, f"params.label must be a segment name or left out, got {show(label)}")
-        label_file = label if _is_upload(label) else None
-        label_name = label.strip() if isinstance(label, str) and label_file is None and label.strip() else None
+        label_name = label.strip() if isinstance(label, str) and label.strip() else None
         if label_name is not None:
             _short(label_name, "params.label", _MAX_NAME)
+        foreground, background = _points(request, "foreground"), _points(request, "background")
+        remove_clicks = _points(request, "remove_clicks")
+        if len(foreground) + len(background) > max_clicks or len(remove_clicks) > max_clicks:
+            raise RequestError(
+                400,
+                f"params has {len(foreground) + len(background)} foreground/background points and "
+                f"{len(remove_clicks)} remove_clicks; at most {max_clicks} of each are accepted in one request "
+                "(the server's --conf max_clicks)",
+            )
         return cls(
             instruction=instruction,
             slice=_int(request, "slice", None),
             axis=axis,
-            foreground=_points(request, "foreground"),
-            background=_points(request, "background"),
-            remove_clicks=_points(request, "remove_clicks"),
+            foreground=foreground,
+            background=background,
+            remove_clicks=remove_clicks,
             max_steps=max_steps,
             session_id=session_id,
             undo_to=_int(request, "undo_to", None),
@@ -142,6 +147,8 @@ def _int(request: dict, name: str, default: int | None) -> int | None:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise RequestError(400, f"params.{name} must be an integer, got {show(value)}")
+    if abs(value) >= 2**31:
+        raise RequestError(400, f"params.{name} is out of range: {show(value, 24)} has {len(str(abs(value)))} digits")
     return value
 
 
@@ -196,15 +203,6 @@ def _short(text: str, name: str, limit: int) -> str:
     if len(text) > limit:
         raise RequestError(400, f"{name} is {len(text)} characters long; at most {limit} are accepted")
     return text
-
-
-def _is_upload(value: Any) -> bool:
-    """True for a file MONAI Label's /infer endpoint saved from an upload (a fresh temp file), never for a path a
-    client wrote into params."""
-    if not isinstance(value, str) or not _UPLOAD_NAME.fullmatch(os.path.basename(value)):
-        return False
-    real = os.path.realpath(value)
-    return os.path.dirname(real) == os.path.realpath(tempfile.gettempdir()) and os.path.isfile(real)
 
 
 def show(value: Any, limit: int = 80) -> str:

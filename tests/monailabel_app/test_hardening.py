@@ -198,7 +198,7 @@ def test_concurrent_agent_requests_keep_their_sessions_apart(env, tmp_path):
 
 
 # -- bad requests -----------------------------------------------------------------------------------------------------
-DEEP = "[" * 100_000 + "]" * 100_000
+DEEP = "[" * 30_000 + "]" * 30_000  # within the params size bound, beyond the JSON reader's recursion
 BIG = "9" * 400  # beyond float range, within JSON's 4300 digits
 ANSWERED = [
     # (id, keyword arguments of _post ("{tmp}" becomes the module's folder), status, words the message must contain)
@@ -213,13 +213,14 @@ ANSWERED = [
     ("params a list", {"raw": "[1, 2]"}, 400, "params must be a JSON object"),
     # unknown task or model
     ("unknown model in the URL", {"url": f"/infer/magic?image={LIVER}"}, 404, "unknown model 'magic'"),
-    ("model in params", {"params": {"instruction": "x", "model": "other"}}, 404, "unknown model 'other'"),
-    ("model of the wrong type", {"params": {"instruction": "x", "model": ["ibisagent"]}}, 404, "unknown model"),
-    ("model path in the URL", {"url": f"/infer/..%2F..%2Fetc?image={LIVER}"}, 404, "Not Found"),
+    ("model in params", {"params": {"instruction": "x", "model": "other"}}, 400, "params.model is set by the server"),
+    ("model of the wrong type", {"params": {"instruction": "x", "model": ["ibisagent"]}}, 400, "params.model is"),
+    ("model path in the URL", {"url": f"/infer/..%2F..%2Fetc?image={LIVER}"}, 404, "is not served"),
+    ("params too long", {"raw": json.dumps({"instruction": "x" * 70_000})}, 400, "at most 65536 are accepted"),
     # missing image
     ("no image", {"params": {"instruction": "x"}, "query": {"output": "json"}}, 400, "names no image"),
     ("empty image", {"params": {"instruction": "x"}, "image": ""}, 400, "names no image"),
-    ("image null in params", {"params": {"instruction": "x", "image": None}}, 404, "unknown image id None"),
+    ("image null in params", {"params": {"instruction": "x", "image": None}}, 400, "params.image is set by the"),
     # image ids with path tricks: never a path, never read
     ("image ../../etc/passwd", {"params": {"instruction": "x"}, "image": "../../etc/passwd"}, 404, "unknown image"),
     ("image /etc/passwd", {"params": {"instruction": "x"}, "image": "/etc/passwd"}, 404, "unknown image id"),
@@ -236,8 +237,9 @@ ANSWERED = [
     ("image URL-encoded", {"url": "/infer/ibisagent?image=..%2F..%2Fetc%2Fpasswd"}, 404, "'../../etc/passwd'"),
     ("image URL-encoded canary", {"url": "/infer/ibisagent?image=..%2Fsecret"}, 404, "unknown image id '../secret'"),
     ("image double-encoded", {"url": "/infer/ibisagent?image=..%252Fsecret"}, 404, "unknown image id '..%2Fsecret'"),
-    ("image in params", {"params": {"instruction": "x", "image": "{tmp}/secret.png"}}, 404, "unknown image id"),
-    ("image list in params", {"params": {"instruction": "x", "image": ["{tmp}/secret.png"]}}, 404, "unknown image"),
+    ("image in params", {"params": {"instruction": "x", "image": "{tmp}/secret.png"}}, 400, "params.image is set by"),
+    ("image list in params", {"params": {"instruction": "x", "image": ["{tmp}/secret.png"]}}, 400, "params.image"),
+    ("upload path in params", {"params": {"ibisagent_label_upload": "{tmp}/secret.png"}}, 400, "set by the server"),
     ("image of a session, id a path", {"params": {"session_id": "../../etc/passwd"}}, 404, "is unknown"),
     # out-of-range clicks
     ("click at x = width", {"params": {"instruction": "x", "foreground": [[SIDE, 5]]}}, 400, "outside the image"),
@@ -296,7 +298,7 @@ ANSWERED = [
     ),
     ("undo_to without a session", {"params": {"instruction": "x", "undo_to": 0}}, 400, "need a session"),
     # oversized text for the model's prompt
-    ("instruction of 100000 characters", {"params": {"instruction": "x" * 100_000}}, 400, "is 100000 characters"),
+    ("instruction of 10000 characters", {"params": {"instruction": "x" * 10_000}}, 400, "is 10000 characters"),
     ("target of 1000 characters", {"params": {"instruction": "x", "target": "t" * 1000}}, 400, "at most 200"),
     ("label name of 1000 characters", {"params": {"label": "t" * 1000}}, 400, "params.label is 1000 characters"),
     # uploads and outputs MONAI Label handles before or after the task
@@ -309,8 +311,8 @@ ANSWERED = [
     (
         ".bin label for a path",
         {"params": {"instruction": "x"}, "image": "../secret", "files": {"label": ("m.bin", b"x", "application/x")}},
-        404,
-        "unknown image id '../secret'",
+        400,
+        "the .bin label upload cannot be converted",
     ),
     (
         ".bin label of the wrong size",

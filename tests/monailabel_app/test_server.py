@@ -380,7 +380,7 @@ BAD_REQUESTS = [
     # (id, image, params or raw JSON text, label upload maker, status, words the message must contain)
     ("unknown image id", "no_such_image", {"instruction": "x"}, None, 404, "unknown image id 'no_such_image'"),
     ("image path, not an id", "/etc/hostname", {"instruction": "x"}, None, 404, "unknown image id"),
-    ("image id smuggled in params", LIVER, {"instruction": "x", "image": "/etc/hostname"}, None, 404, "unknown image"),
+    ("image id smuggled in params", LIVER, {"instruction": "x", "image": "/etc/hostname"}, None, 400, "params.image"),
     ("slice out of range", VOLUME, {"instruction": "x", "slice": 99}, None, 400, "slice=99 is out of range"),
     ("slice of a 2D image", LIVER, {"instruction": "x", "slice": 3}, None, 400, "is 2D"),
     ("volume without slice", VOLUME, {"instruction": "x"}, None, 400, "give slice 0..15"),

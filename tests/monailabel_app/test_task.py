@@ -18,7 +18,8 @@ from PIL import Image  # noqa: E402
 from ibisagent.policies import ReplayPolicy  # noqa: E402
 from ibisagent.trajectory import Trajectory  # noqa: E402
 from monailabel_app.lib.errors import RequestError  # noqa: E402
-from monailabel_app.lib.infers.ibisagent_task import IMAGE_ID_KEY, IBISAgentTask  # noqa: E402
+from monailabel_app.lib.infers.ibisagent_task import IBISAgentTask  # noqa: E402
+from monailabel_app.lib.request import IMAGE_ID_KEY, UPLOAD_KEY  # noqa: E402
 from tests.conftest import FakeTool  # noqa: E402
 
 H, W = 32, 48
@@ -124,11 +125,16 @@ def test_a_2d_nifti_image_gives_a_2d_nifti_label_and_takes_a_slicer_shaped_uploa
     nib.save(nib.Nifti1Image(np.random.default_rng(1).random((W, H)).astype(np.float32), np.eye(4)), path)
     initial = np.zeros((W, H, 1), np.uint8)  # Slicer's labelmap of a 2D image: (i, j, 1)
     initial[5:9, 2:4, 0] = 1
-    upload = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name  # as MONAI Label stores uploads
+    upload = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name  # as the app's /infer stores uploads
     nib.save(nib.Nifti1Image(initial, np.eye(4)), upload)
     try:
         result, label = _call(
-            _task([]), path, instruction="segment the liver", label=upload, foreground=[[20, 10]], run_agent=False
+            _task([]),
+            path,
+            instruction="segment the liver",
+            **{UPLOAD_KEY: upload},
+            foreground=[[20, 10]],
+            run_agent=False,
         )
     finally:
         os.remove(upload)

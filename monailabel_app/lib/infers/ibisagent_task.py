@@ -27,12 +27,11 @@ from ibisagent.types import Click
 
 from ..errors import RequestError
 from ..labels import ImageSource, read_label, write_label
-from ..request import AgentParams, to_pixel
+from ..request import IMAGE_ID_KEY, AgentParams, to_pixel
 from ..sessions import Session, SessionStore, SliceKey, ToolPool
 
 logger = logging.getLogger(__name__)
 
-IMAGE_ID_KEY = "ibisagent_image_id"  # set by the app (main.py) after it checked the id against the datastore
 SESSION_WAIT_S = 60.0  # how long a request waits for another request on the same session before answering 409
 
 
@@ -43,6 +42,8 @@ class IBISAgentTask(InferTask):
     tool_factory:    builds further tool instances when `embedding_cache` > 1.
     policy_factory:  returns a new policy (own conversation, shared model); None: no model configured.
     max_steps:       the step limit: the default and the maximum of a request's `max_steps`.
+    max_clicks:      foreground + background points of one request at most.
+    max_session_steps: steps of one session at most.
     """
 
     def __init__(
@@ -57,6 +58,8 @@ class IBISAgentTask(InferTask):
         embedding_cache: int,
         labels: list[str],
         server_info: dict[str, Any],
+        max_clicks: int = 64,
+        max_session_steps: int = 200,
     ):
         super().__init__(
             # "deepgrow" makes Slicer's stock MONAI Label module list the task in its click (DeepGrow) section.
@@ -74,6 +77,8 @@ class IBISAgentTask(InferTask):
         self.policy_factory = policy_factory
         self.dialect = dialect
         self.max_steps = max_steps
+        self.max_clicks = max_clicks
+        self.max_session_steps = max_session_steps
         self.server_info = dict(server_info)
         self._agent_lock = threading.Lock()  # the policies of all sessions share one model (and torch's RNG)
 
@@ -86,7 +91,7 @@ class IBISAgentTask(InferTask):
     # -- the request ---------------------------------------------------------------------------------------------
     def __call__(self, request: dict) -> tuple[str, dict]:
         t0 = time.perf_counter()
-        params = AgentParams.parse(request, self.max_steps)
+        params = AgentParams.parse(request, self.max_steps, self.max_clicks)
         if params.run_agent and self.policy_factory is None:
             raise RequestError(
                 400,
@@ -178,12 +183,14 @@ class IBISAgentTask(InferTask):
                 )
             interactive = session.interactive
             interactive.use_tool(tool)
-            interactive.apply(edit or interactive.plan(clicks=clicks))
+            edit = edit or interactive.plan(clicks=clicks)
+            room = self._room(session, edit, params.run_agent)
+            interactive.apply(edit)
             if params.run_agent:
                 # Each request gets a fresh policy (a new conversation over the shared model): a KV cache kept per
                 # session would hold GPU memory (hundreds of MB for a 7B model) for as long as the session lives.
                 with self._agent_lock:
-                    interactive.run_agent(self.policy_factory(), params.max_steps)
+                    interactive.run_agent(self.policy_factory(), min(params.max_steps, room))
         if new:
             self.sessions.add(session)
         trajectory = interactive.trajectory
@@ -205,15 +212,25 @@ class IBISAgentTask(InferTask):
         }
         # last: nothing can fail after the file exists
         label_path = write_label(trajectory.final_mask, session.source, session.key.slice, session.key.axis)
-        logger.info(
-            "ibisagent session %s: %d steps, stop %s, encoded %s, %.2f s",
-            session.id,
+        logger.info(  # no session id or instruction: the log is not the place for them
+            "ibisagent request: %d steps, stop %s, encoded %s, %.2f s",
             len(trajectory.steps),
             stop_reason,
             encoded,
             time.perf_counter() - t0,
         )
         return label_path, result
+
+    def _room(self, session: Session, edit: Edit, run_agent: bool) -> int:
+        """How many more steps the agent may take in the session after `edit` (the session's step limit)."""
+        room = self.max_session_steps - edit.keep_steps - bool(edit.clicks)
+        if room < 0 or (room == 0 and run_agent):
+            raise RequestError(
+                400,
+                f"session_id {session.id!r} has reached {self.max_session_steps} steps (the server's --conf "
+                "max_session_steps): start a new session, or undo_to an earlier step",
+            )
+        return room
 
 
 def _check_same_slice(session: Session, params: AgentParams, image_id: str) -> None:
