@@ -236,7 +236,8 @@ def parse_params(text: str) -> dict[str, Any]:
             name = f"{where}.{key}" if isinstance(item, dict) else f"{where}[{key}]"
             for text_value in (key, child):
                 if isinstance(text_value, str) and not _encodable(text_value):
-                    raise RequestError(400, f"{name[:80]} is not valid UTF-8 text (a lone surrogate); send plain text")
+                    shown = name[:80].encode("utf-8", "backslashreplace").decode()
+                    raise RequestError(400, f"{shown} is not valid UTF-8 text (a lone surrogate); send plain text")
             if isinstance(child, dict | list):
                 stack.append((child, depth + 1, name))
     reserved = [k for k in _RESERVED if k in value]
@@ -294,20 +295,23 @@ def _not_served(method: str, path: str) -> str:
 
 
 async def _form_field_error(request, exc: Exception):
-    """MONAI Label's datastore endpoints `json.loads` their form fields (params, info) unchecked: a value that is not
-    JSON becomes a 400 with a message; any other error keeps its 500."""
+    """MONAI Label's datastore endpoints read their form fields (params, info) with `json.loads` and use them as
+    objects, unchecked: a field that is not a JSON object becomes a 400 with a message. Any other error (raised
+    deeper, in a datastore or the app) keeps its 500."""
     import traceback
 
     from fastapi.responses import JSONResponse
 
     frames = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(exc.__traceback__)]
     json_dir = os.path.dirname(json.__file__)
-    endpoints = os.path.join("monailabel", "endpoints", "")
     inner = [f for f in frames if not f.startswith(json_dir)]
-    if frames and frames[-1].startswith(json_dir) and inner and endpoints in inner[-1]:
-        detail = "a form field (params or info) is not valid JSON; send a JSON object"
+    if inner and os.path.join("monailabel", "endpoints", "") in inner[-1]:
         if isinstance(exc, RecursionError):
             detail = "a form field (params or info) nests too deeply to be read; send a flat JSON object"
+        elif frames[-1].startswith(json_dir):
+            detail = "a form field (params or info) is not valid JSON; send a JSON object"
+        else:
+            detail = "a form field (params or info) must be a JSON object, e.g. {\"note\": \"...\"}"
         return JSONResponse(status_code=400, content={"detail": detail})
     raise exc
 

@@ -53,23 +53,38 @@ pytestmark = pytest.mark.skipif(
 class _Server:
     """One `monailabel start_server` process in its own process group (so that stop() ends it and nothing else)."""
 
-    def __init__(self, name: str, studies: Path, tmp: Path, conf: dict[str, str]):
+    def __init__(
+        self,
+        name: str,
+        studies: Path,
+        tmp: Path,
+        conf: dict[str, str],
+        env: dict[str, str] | None = None,
+        host: str = "127.0.0.1",
+    ):
         self.name, self.port = name, _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / f"{name}.log"
-        env = dict(os.environ)
-        env.update(
-            PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        self.studies, self.tmp, self.conf, self.host = studies, tmp, conf, host
+        self.env = dict(os.environ)
+        self.env.update(
+            PATH=f"{VENV_BIN}{os.pathsep}{self.env.get('PATH', '')}",
             PYTHONDONTWRITEBYTECODE="1",  # no __pycache__ inside the repository's app folder
             MONAI_LABEL_SESSION_PATH=str(tmp / f"{name}-monailabel-sessions"),  # not ~/.cache
             HF_HUB_OFFLINE="1",
+            **(env or {}),
         )
-        command = ["monailabel", "start_server", "--app", str(APP), "--studies", str(studies)]
-        command += ["--host", "127.0.0.1", "--port", str(self.port), "--log_config", str(_log_config(tmp))]
-        for key, value in conf.items():
+        self.start()
+
+    def start(self) -> None:
+        """Start the process (again, after stop() or a kill: same port, same folders)."""
+        tmp, env = self.tmp, self.env
+        command = ["monailabel", "start_server", "--app", str(APP), "--studies", str(self.studies)]
+        command += ["--host", self.host, "--port", str(self.port), "--log_config", str(_log_config(tmp))]
+        for key, value in self.conf.items():
             command += ["--conf", key, value]
         self.started = time.monotonic()
-        with open(self.log, "wb") as log:
+        with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp, start_new_session=True
             )
@@ -80,7 +95,7 @@ class _Server:
             if self.proc.poll() is not None:
                 pytest.fail(f"{self.name} server exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
             try:
-                if requests.get(self.url + "/info/", timeout=5).status_code == 200:
+                if requests.get(self.url + "/health", timeout=5).status_code == 200:
                     self.ready_after = time.monotonic() - self.started
                     break
             except requests.ConnectionError:
