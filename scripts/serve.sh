@@ -3,6 +3,8 @@
 # Sample studies are built once in $IBISAGENT_STUDIES (default ~/.cache/ibisagent/studies): links to the shared
 # BiomedParse demo PNGs (read in place) and one CT volume converted from a shared RECIST .npz to NIfTI.
 # Extra arguments go to `monailabel start_server`, e.g. `--conf model /models/ibisagent-7b --port 8001`.
+# Nothing is written into the checkout: the app runs from $IBISAGENT_RUNTIME (default ~/.cache/ibisagent/server).
+# IBISAGENT_HOST other than loopback needs IBISAGENT_API_TOKEN (see monailabel_app/README.md, "Access").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
@@ -32,6 +34,21 @@ if npz and not volume.exists():
     nib.save(nib.Nifti1Image(np.ascontiguousarray(np.transpose(data["imgs"], (2, 1, 0))), affine), volume)
 print(f"sample studies: {studies} ({len(list(studies.glob('*.png')))} PNG images, {volume.name})")
 PY
-export PATH="$PWD/.venv/bin:$PATH"
-exec monailabel start_server --app monailabel_app --studies "$studies" --host "${IBISAGENT_HOST:-127.0.0.1}" \
-  --port "${IBISAGENT_PORT:-8000}" "$@"
+# MONAI Label creates model/, logs/ and bin/ inside --app and logs there: run the app from a folder outside the
+# checkout that links to its code, and log to that folder (INFO: no session ids or instructions are logged).
+runtime=${IBISAGENT_RUNTIME:-$HOME/.cache/ibisagent/server}
+mkdir -p "$runtime/app" "$runtime/logs"
+ln -sfn "$PWD/monailabel_app/main.py" "$runtime/app/main.py"
+ln -sfn "$PWD/monailabel_app/lib" "$runtime/app/lib"
+cat > "$runtime/logging.json" <<JSON
+{"version": 1, "disable_existing_loggers": false,
+ "formatters": {"simple": {"format": "[%(asctime)s] [%(levelname)s] (%(name)s) - %(message)s"}},
+ "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "simple"},
+              "file": {"class": "logging.handlers.RotatingFileHandler", "formatter": "simple",
+                       "filename": "$runtime/logs/app.log", "maxBytes": 10485760, "backupCount": 3}},
+ "root": {"level": "INFO", "handlers": ["console", "file"]}}
+JSON
+export PATH="$PWD/.venv/bin:$PATH" PYTHONDONTWRITEBYTECODE=1
+export MONAI_LABEL_SESSION_PATH="$runtime/sessions"
+exec monailabel start_server --app "$runtime/app" --studies "$studies" --host "${IBISAGENT_HOST:-127.0.0.1}" \
+  --port "${IBISAGENT_PORT:-8000}" --log_config "$runtime/logging.json" "$@"

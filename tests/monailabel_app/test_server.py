@@ -79,7 +79,12 @@ class _Server:
     def start(self) -> None:
         """Start the process (again, after stop() or a kill: same port, same folders)."""
         tmp, env = self.tmp, self.env
-        command = ["monailabel", "start_server", "--app", str(APP), "--studies", str(self.studies)]
+        app = tmp / "app"  # as scripts/serve.sh runs it: MONAI Label's model/, logs/, bin/ land here, not in the checkout
+        app.mkdir(exist_ok=True)
+        for name in ("main.py", "lib"):
+            if not (app / name).exists():
+                (app / name).symlink_to(APP / name)
+        command = ["monailabel", "start_server", "--app", str(app), "--studies", str(self.studies)]
         command += ["--host", self.host, "--port", str(self.port), "--log_config", str(_log_config(tmp))]
         for key, value in self.conf.items():
             command += ["--conf", key, value]

@@ -105,7 +105,11 @@ def server(tmp_path_factory):
     monailabel = shutil.which("monailabel", path=f"{VENV_BIN}{os.pathsep}{env['PATH']}")
     if monailabel is None:
         pytest.skip(f"no monailabel command beside {sys.executable} or on PATH")
-    command = [monailabel, "start_server", "--app", str(APP), "--studies", str(studies)]
+    app = tmp / "app"  # as scripts/serve.sh runs it: MONAI Label's model/, logs/, bin/ land here, not in the checkout
+    app.mkdir()
+    for name in ("main.py", "lib"):
+        (app / name).symlink_to(APP / name)
+    command = [monailabel, "start_server", "--app", str(app), "--studies", str(studies)]
     command += ["--host", "127.0.0.1", "--port", str(port), "--log_config", str(log_config), "--conf", "tool", TOOL]
     log = tmp / "server.log"
     started = time.monotonic()
