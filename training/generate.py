@@ -240,6 +240,30 @@ def _variants_for(sample_id: str, config: GenerateConfig) -> list[str]:
     return out
 
 
+# Settings that change no record: a run may resume with other values of these.
+_RESUMABLE = ("device",)
+
+
+def _check_same_settings(path: Path, config: GenerateConfig) -> None:
+    """A run folder resumes only with the settings it was started with: records of two settings would mix."""
+    if not path.exists():
+        return
+    try:
+        before = json.loads(path.read_text())
+    except ValueError:
+        raise ValueError(
+            f"{path} cannot be read; it is not the config of a trajectories run: use another --out"
+        ) from None
+    now = json.loads(json.dumps(asdict(config)))
+    changed = sorted(k for k in set(before) | set(now) if k not in _RESUMABLE and before.get(k) != now.get(k))
+    if changed:
+        shown = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ValueError(
+            f"{path.parent} holds trajectories made with other settings ({shown}); resume it with its settings "
+            "(see its config.json) or write to a new --out"
+        )
+
+
 def generate(
     root: str | Path,
     out_dir: str | Path,
@@ -253,6 +277,7 @@ def generate(
     (written, skipped_existing, problems, seconds split into io/tool/simulator)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _check_same_settings(out_dir / "config.json", config)
     (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=1))
     data_path = out_dir / f"trajectories-{shard.suffix}.jsonl"
     problems_path = out_dir / f"problems-{shard.suffix}.jsonl"

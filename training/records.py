@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -92,37 +93,36 @@ class TrajectoryRecord:
 
 # -- JSON lines --------------------------------------------------------------------------------------------------------
 def read_records(path: Path) -> list[dict]:
-    """Complete JSON objects of a JSONL file; a partly written last line (a killed writer) is ignored."""
+    """Complete JSON objects of a JSONL file. A partly written last line (a killed writer) is ignored; a complete
+    line that is not a JSON object (a damaged file) is reported with a warning and skipped, and reading goes on."""
     if not path.exists():
         return []
     out = []
     with path.open("rb") as f:
-        for line in f:
+        for number, line in enumerate(f, start=1):
             if not line.endswith(b"\n"):
                 break
             try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
+                value = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                value = None
+            if isinstance(value, dict):
+                out.append(value)
+            elif line.strip():
+                warnings.warn(f"{path}:{number}: not a JSON object, skipped: {line[:80]!r}", stacklevel=2)
     return out
 
 
 def _truncate_to_complete(path: Path) -> None:
-    """Cut a JSONL file after its last complete, parseable line, so appending continues cleanly."""
+    """Cut a partly written last line (one without its newline), so appending continues on a line of its own.
+    Complete lines stay, damaged or not: later good records must not be lost."""
     if not path.exists():
         return
-    good = 0
-    with path.open("rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break
-            try:
-                json.loads(line)
-            except json.JSONDecodeError:
-                break
-            good += len(line)
-    with path.open("r+b") as f:
-        f.truncate(good)
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with path.open("r+b") as f:
+            f.truncate(end)
 
 
 class Appender:

@@ -163,3 +163,18 @@ def test_trajectories_flags_are_the_config_fields_and_older_spellings_still_pars
         parser.parse_args(["trajectories", "root", "--out", "o", "--tool", "nope"])
     with pytest.raises(SpecError, match="tool 'nope' is invalid"):
         GenerateConfig(tool="nope")
+
+
+def test_a_run_folder_resumes_only_with_its_own_settings(small_demo, tmp_path, capsys):
+    from ibisagent_training.cli import main
+
+    out = tmp_path / "gen"
+    generate(small_demo, out, GenerateConfig(max_steps=4, stop_iou=0.6), limit=1, progress=False)
+    before = (out / "trajectories-00000-of-00001.jsonl").read_bytes()
+    with pytest.raises(ValueError, match=r"other settings \(max_steps 4 -> 6\)"):
+        generate(small_demo, out, GenerateConfig(max_steps=6, stop_iou=0.6), limit=1, progress=False)
+    assert main(["trajectories", str(small_demo), "--out", str(out), "--max_steps", "6", "--stop_iou", "0.6"]) == 2
+    assert "holds trajectories made with other settings" in capsys.readouterr().err
+    assert (out / "trajectories-00000-of-00001.jsonl").read_bytes() == before
+    assert json.loads((out / "config.json").read_text())["max_steps"] == 4
+    generate(small_demo, out, GenerateConfig(max_steps=4, stop_iou=0.6, device="cpu"), limit=1, progress=False)

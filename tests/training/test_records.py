@@ -56,3 +56,18 @@ def test_readers_keep_kept_records_of_the_asked_variants(tmp_path):
     assert len(list(iter_records(tmp_path))) == 3
     assert [r.variant for r in iter_kept(tmp_path)] == ["gold", "self_correction"]
     assert [r.variant for r in iter_kept(tmp_path, ("gold",))] == ["gold"]
+
+
+def test_a_damaged_line_in_the_middle_is_reported_and_later_records_are_kept(tmp_path):
+    path = tmp_path / "trajectories-00000-of-00001.jsonl"
+    first, second = _record().to_json(), _record("self_correction").to_json()
+    path.write_text(json.dumps(first) + "\n" + "garbage {\n" + json.dumps(second) + "\n" + '{"id": "half')
+    from ibisagent_training.records import read_records
+
+    with pytest.warns(UserWarning, match=r":2: not a JSON object, skipped"):
+        assert [r["variant"] for r in read_records(path)] == ["gold", "self_correction"]
+    appender = Appender(path)  # resuming: only the partial last line is cut
+    appender.write(_record("user_inconsistency").to_json())
+    appender.close()
+    with pytest.warns(UserWarning):
+        assert [r["variant"] for r in read_records(path)] == ["gold", "self_correction", "user_inconsistency"]
