@@ -370,6 +370,19 @@ class IBISAgentSession:
         self.result = None
         self.trajectory = None
 
+    def request(self, foreground, background, maxSteps, runAgent, **fields):
+        """The request for this session's instruction and slice (`fields`: the other AgentRequest fields)."""
+        return AgentRequest(
+            self.instruction,
+            slice=self.sliceIndex,
+            axis=self.axis,
+            foreground=foreground,
+            background=background,
+            max_steps=int(maxSteps),
+            run_agent=bool(runAgent),
+            **fields,
+        )
+
     def update(self, result):
         """Take a server result (the JSON of POST /infer/ibisagent) into the session."""
         missing = [key for key in ("session_id", "trajectory") if key not in result]
@@ -613,15 +626,7 @@ class IBISAgentLogic(ScriptedLoadableModuleLogic):
         self.removePreview()
         session = IBISAgentSession(None, volumeNode, axis, sliceIndex, instruction.strip(), segmentationNode, segmentId)
         session.imageId = self.imageIdForVolume(volumeNode, client)
-        request = AgentRequest(
-            session.instruction,
-            slice=session.sliceIndex,
-            axis=session.axis,
-            foreground=foreground,
-            background=background,
-            max_steps=int(maxSteps),
-            run_agent=bool(runAgent),
-        )
+        request = session.request(foreground, background, maxSteps, runAgent)
         what = "Running the agent" if runAgent else "Applying your points"
         self._status(f"{what} on slice {sliceIndex} (axis {axis}) of {session.imageId} ...")
         with tempfile.TemporaryDirectory() as folder:
@@ -659,17 +664,14 @@ class IBISAgentLogic(ScriptedLoadableModuleLogic):
             runAgent = self.agentAvailable()
         if undoTo is not None and not 0 <= int(undoTo) <= s.trajectory.num_steps:
             raise ValueError(f"undo to step {undoTo}: the trajectory has steps 0..{s.trajectory.num_steps}")
-        params = AgentRequest(
-            s.instruction,
-            slice=s.sliceIndex,
-            axis=s.axis,
-            foreground=foreground,
-            background=background,
+        params = s.request(
+            foreground,
+            background,
+            maxSteps,
+            runAgent,
             remove_clicks=[list(p) for p in removeClicks or []],
-            max_steps=int(maxSteps),
             session_id=s.sessionId,
             undo_to=None if undoTo is None else int(undoTo),
-            run_agent=bool(runAgent),
         ).to_params()
         self._status(
             f"Continuing session {s.sessionId} with {len(foreground)} positive and {len(background)} negative "
