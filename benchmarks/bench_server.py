@@ -51,7 +51,11 @@ def _start(tmp: Path, conf: dict[str, str]) -> tuple[subprocess.Popen, str, floa
     )
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     env.update(PYTHONDONTWRITEBYTECODE="1", MONAI_LABEL_SESSION_PATH=str(tmp / "sessions"), HF_HUB_OFFLINE="1")
-    command = ["monailabel", "start_server", "--app", str(REPO / "monailabel_app"), "--studies", str(tmp / "studies")]
+    app = tmp / "app"  # as scripts/serve.sh runs it: MONAI Label's model/, logs/, bin/ land here, not in the checkout
+    app.mkdir()
+    for name in ("main.py", "lib"):
+        (app / name).symlink_to(REPO / "monailabel_app" / name)
+    command = ["monailabel", "start_server", "--app", str(app), "--studies", str(tmp / "studies")]
     command += ["--host", "127.0.0.1", "--port", str(port), "--log_config", str(log_config)]
     for key, value in conf.items():
         command += ["--conf", key, value]

@@ -20,6 +20,7 @@ requires `Authorization: Bearer <token>`. A request body is limited to `--conf m
 from __future__ import annotations
 
 import atexit
+import errno
 import hmac
 import ipaddress
 import json
@@ -122,7 +123,7 @@ def install(app, max_body_bytes: int, token: str | None) -> None:
     ]
     app.add_api_route("/infer/{model}", infer, methods=["POST"], summary="Run the ibisagent task")
     app.add_api_route(HEALTH, _health, methods=["GET"], summary="Liveness check (no authentication)")
-    for kind in (ValueError, TypeError, RecursionError):
+    for kind in (ValueError, TypeError, RecursionError, OSError):
         app.add_exception_handler(kind, _form_field_error)
     # Starlette builds its middleware stack on the first request; the app is created inside uvicorn's start-up,
     # after that: dropping the stack makes the next request rebuild it with what is added here.
@@ -296,22 +297,29 @@ def _not_served(method: str, path: str) -> str:
 
 async def _form_field_error(request, exc: Exception):
     """MONAI Label's datastore endpoints read their form fields (params, info) with `json.loads` and use them as
-    objects, unchecked: a field that is not a JSON object becomes a 400 with a message. Any other error (raised
-    deeper, in a datastore or the app) keeps its 500."""
+    objects, and name their temporary files after the upload's extensions, unchecked: a field that is not a JSON
+    object or a file name the file system refuses becomes a 400 with a message. Any other error (raised deeper, in a
+    datastore or the app) keeps its 500."""
     import traceback
 
     from fastapi.responses import JSONResponse
 
     frames = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(exc.__traceback__)]
     json_dir = os.path.dirname(json.__file__)
-    inner = [f for f in frames if not f.startswith(json_dir)]
-    if inner and os.path.join("monailabel", "endpoints", "") in inner[-1]:
-        if isinstance(exc, RecursionError):
+    stdlib = os.path.dirname(json_dir)
+    in_endpoint = [i for i, f in enumerate(frames) if os.path.join("monailabel", "endpoints", "") in f]
+    below = frames[in_endpoint[-1] + 1 :] if in_endpoint else None
+    if below is not None and all(f.startswith(stdlib) and "site-packages" not in f for f in below):
+        if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
+            detail = "an uploaded file's name is too long (its extensions name the server's temporary file); shorten it"
+        elif isinstance(exc, ValueError) and "null byte" in str(exc):
+            detail = "an uploaded file's name contains a NUL character; rename the file"
+        elif isinstance(exc, RecursionError):
             detail = "a form field (params or info) nests too deeply to be read; send a flat JSON object"
-        elif frames[-1].startswith(json_dir):
+        elif below and below[-1].startswith(json_dir):
             detail = "a form field (params or info) is not valid JSON; send a JSON object"
         else:
-            detail = "a form field (params or info) must be a JSON object, e.g. {\"note\": \"...\"}"
+            detail = 'a form field (params or info) must be a JSON object, e.g. {"note": "..."}'
         return JSONResponse(status_code=400, content={"detail": detail})
     raise exc
 

@@ -141,3 +141,17 @@ def test_served_endpoints():
     assert is_served("HEAD", "/datastore/image") and is_served("POST", "/activelearning/random")
     assert not is_served("POST", "/infer/wsi/ibisagent") and not is_served("GET", "/logs/")
     assert not is_served("PUT", "/session/") and not is_served("GET", "/datastore/dataset")
+
+
+@pytest.mark.parametrize(
+    ("filename", "words"),
+    [("x." + "e" * 300, "name is too long"), ("x.pn\0g", "NUL character")],
+)
+def test_upload_file_names_are_checked(attack, filename, words):
+    files = {"file": (filename, png_bytes(), "image/png")}
+    response = call(attack["server"], "PUT", "/datastore/image", params={"image": "named"}, files=files)
+    assert response.status_code == 400 and words in response.json()["detail"], response.text
+    label = {"label": (filename, png_bytes(), "image/png")}
+    response = call(attack["server"], "PUT", "/datastore/label", params={"image": LIVER}, files=label)
+    assert response.status_code == 400 and words in response.json()["detail"], response.text
+    assert temp_files(attack["tmp"]) == []
