@@ -1,6 +1,7 @@
 """Datastore images and label files of the ibisagent task: what a datastore image is (a 2D image or a volume, its
 shape), which slice a request works on, an uploaded initial mask read as that slice, and the result written as the
-label file MONAI Label returns. Slices are cut with `ibisagent.geometry`.
+label file MONAI Label returns. Slices are cut with `ibisagent.geometry`; files are read by `ibisagent.io`, which checks
+their headers against `MAX_IMAGE_PIXELS` / `MAX_VOLUME_VOXELS` (or the bounds passed in) before reading any data.
 """
 
 from __future__ import annotations
@@ -11,10 +12,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ibisagent.geometry import put_slice, slice_shape, take_slice, voxel_to_pixel
-from ibisagent.io import NIFTI_SUFFIXES, RASTER_SUFFIXES, read_image
+from ibisagent.geometry import AXES, put_slice, slice_shape, voxel_to_pixel
+from ibisagent.io import (
+    MAX_IMAGE_PIXELS,
+    MAX_VOLUME_VOXELS,
+    NIFTI_SUFFIXES,
+    RASTER_SUFFIXES,
+    ImageReadError,
+    probe_image,
+    read_mask,
+)
 
 from .errors import RequestError
+
+_ANY_SIZE = 2**62  # probing reads headers only, so any declared size can be looked at and compared
 
 
 @dataclass(frozen=True)
@@ -30,7 +41,11 @@ class ImageSource:
     nifti: bool
 
     @classmethod
-    def open(cls, image_id: str, path: str) -> ImageSource:
+    def open(
+        cls, image_id: str, path: str, max_pixels: int = MAX_IMAGE_PIXELS, max_voxels: int = MAX_VOLUME_VOXELS
+    ) -> ImageSource:
+        """The datastore image at `path`, described from its file's header only (no pixel is decoded): a 2D image
+        over `max_pixels` pixels, or a volume over `max_voxels` voxels or with a slice over `max_pixels`, is a 400."""
         p = Path(path)
         if p.is_dir():
             raise RequestError(
@@ -40,33 +55,25 @@ class ImageSource:
             )
         if not p.is_file():
             raise RequestError(404, f"image {image_id!r} has no file in the datastore")
-        name, mtime = p.name.lower(), p.stat().st_mtime_ns
+        mtime = p.stat().st_mtime_ns
         try:
-            if name.endswith(NIFTI_SUFFIXES):
-                import nibabel as nib
-
-                shape = tuple(int(s) for s in nib.load(str(p)).shape)
-                if len(shape) == 4 and shape[3] == 1:
-                    shape = shape[:3]
-                if len(shape) == 2:
-                    return cls(image_id, str(p), "2d", (shape[1], shape[0]), mtime, True)
-                if len(shape) != 3:
-                    raise RequestError(400, f"image {image_id!r} is a NIfTI of shape {shape}; expected 2D or 3D")
-                return cls(image_id, str(p), "volume", shape, mtime, True)
-            if name.endswith(RASTER_SUFFIXES):
-                from PIL import Image
-
-                with Image.open(p) as im:
-                    return cls(image_id, str(p), "2d", (im.height, im.width), mtime, False)
-            if name.endswith((".dcm", ".dicom")):
-                return cls(image_id, str(p), "2d", read_image(p).shape[:2], mtime, False)
-        except RequestError:
-            raise
-        except Exception as exc:  # corrupt files: nibabel and PIL raise many types
-            raise RequestError(400, f"image {image_id!r} cannot be read: {type(exc).__name__}: {exc}") from exc
-        raise RequestError(
-            400, f"image {image_id!r} ({p.suffix}) is not supported; use PNG/JPG/TIFF, NIfTI or a DICOM file"
-        )
+            info = probe_image(p, max_pixels=max_pixels, max_voxels=max_voxels)
+            if info.kind == "nifti" and len(info.shape) == 3:
+                for axis in AXES:  # a volume's every slice must be readable
+                    height, width = slice_shape(info.shape, axis)
+                    if height * width > max_pixels:
+                        raise ImageReadError(
+                            f"{p}: its slices along axis {axis} are {width}x{height} pixels, above the limit of "
+                            f"max_pixels={max_pixels}"
+                        )
+        except ImageReadError as exc:
+            detail = str(exc).replace(str(p), "the file")  # the datastore's paths mean nothing to the client
+            raise RequestError(400, f"image {image_id!r} cannot be read: {detail}") from exc
+        if info.kind != "nifti":
+            return cls(image_id, str(p), "2d", info.shape, mtime, False)
+        if len(info.shape) == 2:
+            return cls(image_id, str(p), "2d", (info.shape[1], info.shape[0]), mtime, True)
+        return cls(image_id, str(p), "volume", info.shape, mtime, True)
 
     def resolve_slice(self, slice_index: int | None, axis: int | None, points3d: list[list[float]]):
         """(slice, axis) of the request: (None, 2) for a 2D image; for a volume the given slice, else the slice all
@@ -108,52 +115,53 @@ def read_label(
     path: str, source: ImageSource, slice_index: int | None, axis: int, shape: tuple[int, int]
 ) -> np.ndarray:
     """An uploaded initial mask -> HxW bool: a PNG/JPG of the slice's size (foreground = first channel > 0), or a
-    NIfTI of the volume's shape (the request's slice is taken), or for a 2D image a NIfTI of shape (W, H[, 1])."""
-    name = path.lower()
+    NIfTI of the volume's shape (the request's slice is taken; a scaled label's value > 0 is decided on its raw
+    values), or for a 2D image a NIfTI of shape (W, H[, 1]). The shape is checked from the file's header before any
+    data is read, so an upload never takes more memory than one slice of its image."""
     height, width = shape
+    if not path.lower().endswith(RASTER_SUFFIXES + NIFTI_SUFFIXES):
+        raise RequestError(400, "the label upload must be a PNG/JPG mask or a NIfTI (.nii, .nii.gz) label")
     try:
-        if name.endswith(RASTER_SUFFIXES):
-            from PIL import Image
+        # the header only, whatever size it declares: the shape must be the image's, checked below
+        info = probe_image(path, max_pixels=_ANY_SIZE, max_voxels=_ANY_SIZE)
+    except ImageReadError as exc:
+        raise _unreadable(exc, path) from exc
+    if info.kind == "raster" and info.shape != (height, width):
+        raise RequestError(
+            400,
+            f"the label upload is a {info.shape[1]}x{info.shape[0]} image but the slice is {width}x{height} "
+            "(width x height); send a mask of the slice's size",
+        )
+    if info.kind == "nifti":
+        _check_nifti_label(info.shape, source, shape)
+    try:
+        if info.kind == "nifti" and source.kind != "volume":
+            return read_mask(path, shape, None, 2)  # (W, H) or (W, H, 1): the one (i, j) plane
+        return read_mask(path, shape, slice_index, axis)
+    except ImageReadError as exc:
+        raise _unreadable(exc, path) from exc
 
-            with Image.open(path) as im:
-                arr = np.asarray(im)
-            mask = (arr[..., 0] if arr.ndim == 3 else arr) > 0
-            if mask.shape != shape:
-                raise RequestError(
-                    400,
-                    f"the label upload is a {mask.shape[1]}x{mask.shape[0]} image but the slice is {width}x{height} "
-                    "(width x height); send a mask of the slice's size",
-                )
-            return mask
-        if name.endswith(NIFTI_SUFFIXES):
-            import nibabel as nib
 
-            arr = np.asanyarray(nib.load(path).dataobj)
-            if arr.ndim == 4 and arr.shape[3] == 1:
-                arr = arr[..., 0]
-            if source.kind == "volume":
-                if arr.shape != source.shape:
-                    raise RequestError(
-                        400,
-                        f"the label upload has shape {list(arr.shape)} but image {source.image_id!r} has shape "
-                        f"{list(source.shape)}; send a label volume of the image's shape",
-                    )
-                return take_slice(arr, slice_index, axis) > 0
-            if arr.ndim == 3 and arr.shape[2] == 1:  # Slicer stores a 2D labelmap as one slice
-                arr = arr[..., 0]
-            if arr.shape != (width, height):
-                raise RequestError(
-                    400,
-                    f"the label upload has shape {list(arr.shape)} but the {width}x{height} image needs a NIfTI of "
-                    f"shape [{width}, {height}] (i = column, j = row)",
-                )
-            return arr.T > 0
-    except RequestError:
-        raise
-    except Exception as exc:
-        detail = str(exc).replace(path, "the upload")  # the server's temp path means nothing to the client
-        raise RequestError(400, f"the label upload cannot be read: {type(exc).__name__}: {detail}") from exc
-    raise RequestError(400, "the label upload must be a PNG/JPG mask or a NIfTI (.nii, .nii.gz) label")
+def _check_nifti_label(label_shape: tuple[int, ...], source: ImageSource, shape: tuple[int, int]) -> None:
+    height, width = shape
+    if source.kind == "volume":
+        if label_shape != source.shape:
+            raise RequestError(
+                400,
+                f"the label upload has shape {list(label_shape)} but image {source.image_id!r} has shape "
+                f"{list(source.shape)}; send a label volume of the image's shape",
+            )
+    elif label_shape not in ((width, height), (width, height, 1)):  # Slicer stores a 2D labelmap as one slice
+        raise RequestError(
+            400,
+            f"the label upload has shape {list(label_shape)} but the {width}x{height} image needs a NIfTI of "
+            f"shape [{width}, {height}] (i = column, j = row)",
+        )
+
+
+def _unreadable(exc: ImageReadError, path: str) -> RequestError:
+    detail = str(exc).replace(str(path), "the upload")  # the server's temp path means nothing to the client
+    return RequestError(400, f"the label upload cannot be read: {detail}")
 
 
 def write_label(mask: np.ndarray, source: ImageSource, slice_index: int | None, axis: int) -> str:
