@@ -11,7 +11,10 @@ JSON schema (version TRAJECTORY_VERSION), all coordinates in pixels of the origi
      "meta": {...}}
 
 A click is {"x": float, "y": float, "positive": bool, "target": str}. RLE is {"size": [H, W], "counts": [int]}: run
-lengths over the row-major flattened mask, starting with a (possibly zero-length) run of background.
+lengths over the row-major flattened mask, starting with a (possibly zero-length) run of background. Readers check an
+RLE before allocating anything: size two positive ints with H*W at most `MAX_MASK_PIXELS` (2**26, 64 Mi pixels),
+counts non-negative ints summing to H*W (in Python ints, so no sum wraps). A malformed trajectory or RLE raises
+`TrajectoryFormatError` (a ValueError) naming the field.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 from ibisagent.types import Action, Click
 
 TRAJECTORY_VERSION = "1"
+MAX_MASK_PIXELS = 2**26
 STOP_REASONS = ("answer", "terminate", "max_steps", "repeated_action", "invalid_action", "policy_error")
 
 
@@ -41,12 +45,54 @@ def encode_mask(mask: np.ndarray) -> dict:
     return {"size": [int(s) for s in np.shape(mask)], "counts": counts}
 
 
-def decode_mask(rle: dict) -> np.ndarray:
-    """RLE dict -> HxW bool."""
-    h, w = rle["size"]
-    counts = np.asarray(rle["counts"], np.int64)
-    if counts.sum() != h * w:
-        raise ValueError(f"RLE counts sum to {int(counts.sum())}, expected {h * w} for size {h}x{w}")
+class TrajectoryFormatError(ValueError):
+    """A trajectory JSON or RLE mask does not follow the schema; the message names the field and the problem."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def check_size(size, max_pixels: int = MAX_MASK_PIXELS, what: str = "size") -> tuple[int, int]:
+    """[H, W] as two positive ints with H*W <= max_pixels, else TrajectoryFormatError."""
+    if not isinstance(size, (list, tuple)) or len(size) != 2 or not all(_is_int(v) and v > 0 for v in size):
+        raise TrajectoryFormatError(f"{what} must be [H, W], two positive integers, got {str(size)[:80]}")
+    h, w = int(size[0]), int(size[1])
+    if h * w > max_pixels:
+        raise TrajectoryFormatError(
+            f"{what} {h}x{w} is {h * w} pixels, above the limit of max_pixels={max_pixels} "
+            "(ibisagent.trajectory.MAX_MASK_PIXELS)"
+        )
+    return h, w
+
+
+def check_rle(rle, max_pixels: int = MAX_MASK_PIXELS) -> tuple[int, int, list[int]]:
+    """(H, W, counts) of a valid RLE dict, checked without allocating the mask; else TrajectoryFormatError."""
+    if not isinstance(rle, dict):
+        raise TrajectoryFormatError(
+            f"an RLE mask is an object {{'size': [H, W], 'counts': [...]}}, got {type(rle).__name__}"
+        )
+    if "size" not in rle or "counts" not in rle:
+        raise TrajectoryFormatError("an RLE mask needs 'size': [H, W] and 'counts': [int, ...]")
+    h, w = check_size(rle["size"], max_pixels, "RLE size")
+    counts = rle["counts"]
+    if not isinstance(counts, (list, tuple, np.ndarray)):
+        raise TrajectoryFormatError(f"RLE counts must be a list of run lengths, got {type(counts).__name__}")
+    counts = counts.tolist() if isinstance(counts, np.ndarray) else list(counts)
+    if not all(_is_int(c) for c in counts):
+        raise TrajectoryFormatError("RLE counts must be integers (run lengths)")
+    counts = [int(c) for c in counts]
+    if counts and min(counts) < 0:
+        raise TrajectoryFormatError("RLE counts must be non-negative run lengths")
+    total = sum(counts)
+    if total != h * w:
+        raise TrajectoryFormatError(f"RLE counts sum to {str(total)[:40]}, expected {h * w} for size {h}x{w}")
+    return h, w, counts
+
+
+def decode_mask(rle: dict, max_pixels: int = MAX_MASK_PIXELS) -> np.ndarray:
+    """RLE dict -> HxW bool, checked first (`check_rle`): a malformed RLE raises TrajectoryFormatError."""
+    h, w, counts = check_rle(rle, max_pixels)
     values = np.arange(len(counts)) % 2 == 1
     return np.repeat(values, counts).reshape(h, w)
 
@@ -151,22 +197,50 @@ class Trajectory:
 
     @classmethod
     def from_dict(cls, d: dict) -> Trajectory:
+        """The trajectory of a schema dict; anything malformed raises TrajectoryFormatError naming the field."""
+        if not isinstance(d, dict):
+            raise TrajectoryFormatError(f"a trajectory is a JSON object, got {type(d).__name__}")
         version = str(d.get("version"))
         if version != TRAJECTORY_VERSION:
-            raise ValueError(
+            raise TrajectoryFormatError(
                 f"trajectory version {version!r} is not supported; this IBISAgent reads version {TRAJECTORY_VERSION}"
             )
-        return cls(
-            instruction=d["instruction"],
-            image_size=tuple(d["image_size"]),
-            targets=list(d["targets"]),
-            dialect=d.get("dialect", "ibis"),
-            steps=[Step.from_dict(s) for s in d.get("steps", [])],
-            initial_masks={t: decode_mask(m) for t, m in d.get("initial_masks", {}).items()},
-            answer=d.get("answer"),
-            stop_reason=d.get("stop_reason"),
-            meta=d.get("meta", {}),
-        )
+        if "image_size" not in d:
+            raise TrajectoryFormatError("a trajectory needs 'image_size': [H, W]")
+        size = check_size(d["image_size"], what="image_size")
+        where = "the trajectory"
+        try:
+            steps = []
+            for n, s in enumerate(_listed(d.get("steps", []), "steps")):
+                where = f"steps[{n}]"
+                steps.append(Step.from_dict(s))
+                _check_sizes(steps[-1].masks, size, where)
+            where = "initial_masks"
+            initial = {t: decode_mask(m) for t, m in dict(d.get("initial_masks") or {}).items()}
+            _check_sizes(initial, size, where)
+            where = "the trajectory"
+            return cls(
+                instruction=str(d["instruction"]),
+                image_size=size,
+                targets=list(d["targets"]),
+                dialect=d.get("dialect", "ibis"),
+                steps=steps,
+                initial_masks=initial,
+                answer=d.get("answer"),
+                stop_reason=d.get("stop_reason"),
+                meta=d.get("meta", {}),
+            )
+        except (
+            TrajectoryFormatError,
+            KeyError,
+            TypeError,
+            ValueError,
+            AttributeError,
+            IndexError,
+            OverflowError,
+        ) as exc:
+            detail = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise TrajectoryFormatError(f"{where}: {detail}") from exc
 
     def to_json(self, path: str | Path | None = None, indent: int | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=indent)
@@ -176,7 +250,26 @@ class Trajectory:
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> Trajectory:
+        """A trajectory from JSON text or a file path; unreadable JSON raises TrajectoryFormatError."""
         text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
+        if not text.lstrip().startswith(("{", "[")):
             text = Path(text_or_path).read_text()
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise TrajectoryFormatError(
+                f"not a trajectory: the JSON cannot be read ({type(exc).__name__}: {exc})"
+            ) from exc
+        return cls.from_dict(data)
+
+
+def _listed(value, what: str) -> list:
+    if not isinstance(value, list):
+        raise TrajectoryFormatError(f"{what} must be a list, got {type(value).__name__}")
+    return value
+
+
+def _check_sizes(masks: dict[str, np.ndarray], size: tuple[int, int], where: str) -> None:
+    for t, m in masks.items():
+        if m.shape != size:
+            raise TrajectoryFormatError(f"mask {t!r} is {list(m.shape)}, expected image_size {list(size)}")

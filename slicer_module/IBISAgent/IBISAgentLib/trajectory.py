@@ -6,6 +6,11 @@ The schema is owned by `ibisagent/trajectory.py` in the server's project; this r
 [{"x", "y", "positive", "target"}]}, "masks": {target: RLE}, "scores", "metrics", "timings"}], "meta"}.
 RLE is {"size": [H, W], "counts": [int]}: run lengths over the row-major flattened HxW mask, starting with a
 (possibly zero-length) run of background. Click (x, y) are pixels of the slice (x = column, y = row).
+
+Trajectories come from a server over the network, so every RLE is checked before any mask is allocated, as the core
+does (`ibisagent.trajectory.check_rle`, mirrored here because this library cannot import `ibisagent`): size two
+positive ints with H*W at most `MAX_MASK_PIXELS` (2**26, 64 Mi pixels), counts non-negative ints summing to H*W
+(Python ints: no sum wraps). Every malformed input, whatever Python raises for it, becomes `TrajectoryFormatError`.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 SUPPORTED_VERSIONS = ("1",)
+MAX_MASK_PIXELS = 2**26
+_MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError, RecursionError, MemoryError)
 
 
 class TrajectoryFormatError(ValueError):
@@ -26,17 +33,50 @@ class UnsupportedTrajectoryVersion(TrajectoryFormatError):
     """The trajectory was written in a schema version this module cannot read."""
 
 
-def decode_rle(rle: dict) -> np.ndarray:
-    """RLE dict -> HxW bool mask (see the module docstring)."""
-    try:
-        h, w = (int(s) for s in rle["size"])
-        counts = np.asarray(rle["counts"], np.int64).reshape(-1)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise TrajectoryFormatError(f"an RLE mask needs 'size': [H, W] and 'counts': [int, ...] ({exc})") from exc
-    if (counts < 0).any():
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_size(size, max_pixels: int, what: str) -> tuple[int, int]:
+    if not isinstance(size, (list, tuple)) or len(size) != 2 or not all(_is_int(v) and v > 0 for v in size):
+        raise TrajectoryFormatError(f"{what} must be [H, W], two positive integers, got {str(size)[:80]}")
+    h, w = int(size[0]), int(size[1])
+    if h * w > max_pixels:
+        raise TrajectoryFormatError(
+            f"{what} {h}x{w} is {h * w} pixels, above the limit of max_pixels={max_pixels} "
+            "(IBISAgentLib.trajectory.MAX_MASK_PIXELS)"
+        )
+    return h, w
+
+
+def check_rle(rle, max_pixels: int = MAX_MASK_PIXELS) -> tuple[int, int, list[int]]:
+    """(H, W, counts) of a valid RLE dict, checked without allocating the mask; else TrajectoryFormatError."""
+    if not isinstance(rle, dict):
+        raise TrajectoryFormatError(
+            f"an RLE mask is an object {{'size': [H, W], 'counts': [...]}}, got {type(rle).__name__}"
+        )
+    if "size" not in rle or "counts" not in rle:
+        raise TrajectoryFormatError("an RLE mask needs 'size': [H, W] and 'counts': [int, ...]")
+    h, w = _check_size(rle["size"], max_pixels, "RLE size")
+    counts = rle["counts"]
+    if not isinstance(counts, (list, tuple, np.ndarray)):
+        raise TrajectoryFormatError(f"RLE counts must be a list of run lengths, got {type(counts).__name__}")
+    counts = counts.tolist() if isinstance(counts, np.ndarray) else list(counts)
+    if not all(_is_int(c) for c in counts):
+        raise TrajectoryFormatError("RLE counts must be integers (run lengths)")
+    counts = [int(c) for c in counts]
+    if counts and min(counts) < 0:
         raise TrajectoryFormatError("RLE counts must be non-negative run lengths")
-    if int(counts.sum()) != h * w:
-        raise TrajectoryFormatError(f"RLE counts sum to {int(counts.sum())}, expected {h * w} for size {h}x{w}")
+    total = sum(counts)
+    if total != h * w:
+        raise TrajectoryFormatError(f"RLE counts sum to {str(total)[:40]}, expected {h * w} for size {h}x{w}")
+    return h, w, counts
+
+
+def decode_rle(rle: dict, max_pixels: int = MAX_MASK_PIXELS) -> np.ndarray:
+    """RLE dict -> HxW bool mask (see the module docstring), checked first: a malformed RLE raises
+    TrajectoryFormatError."""
+    h, w, counts = check_rle(rle, max_pixels)
     values = np.arange(len(counts)) % 2 == 1
     return np.repeat(values, counts).reshape(h, w)
 
@@ -52,6 +92,17 @@ def encode_rle(mask) -> dict:
     if flat[0]:
         counts = [0] + counts
     return {"size": [int(s) for s in m.shape], "counts": counts}
+
+
+def _check_masks(masks: dict, size: tuple[int, int], where: str) -> None:
+    """Each {target: RLE} of `where` is a valid RLE of `size` (checked, not decoded)."""
+    for t, rle in masks.items():
+        try:
+            h, w, _ = check_rle(rle)
+        except TrajectoryFormatError as exc:
+            raise TrajectoryFormatError(f"{where}[{t!r}]: {exc}") from exc
+        if (h, w) != size:
+            raise TrajectoryFormatError(f"{where}[{t!r}] has size {[h, w]}, expected {list(size)}")
 
 
 @dataclass(frozen=True)
@@ -124,8 +175,8 @@ class TrajectoryStep:
 def _click(d: dict, where: str) -> ClickPoint:
     try:
         return ClickPoint(float(d["x"]), float(d["y"]), bool(d["positive"]), str(d.get("target", "target")))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise TrajectoryFormatError(f"{where}: a click needs x, y, positive ({exc})") from exc
+    except _MALFORMED as exc:
+        raise TrajectoryFormatError(f"{where}: a click needs x, y, positive ({type(exc).__name__}: {exc})") from exc
 
 
 @dataclass
@@ -145,58 +196,75 @@ class TrajectoryView:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrajectoryView:
+        """The view of a schema dict. Every RLE is checked here (not decoded), so later mask reads cannot fail;
+        anything malformed raises TrajectoryFormatError naming the field."""
         if not isinstance(d, dict):
             raise TrajectoryFormatError(f"a trajectory is a JSON object, got {type(d).__name__}")
         version = str(d.get("version"))
         if version not in SUPPORTED_VERSIONS:
             raise UnsupportedTrajectoryVersion(
-                f"trajectory version {version!r} is not supported by this Slicer module (it reads version(s) "
+                f"trajectory version {version[:40]!r} is not supported by this Slicer module (it reads version(s) "
                 f"{', '.join(SUPPORTED_VERSIONS)}); update the IBISAgent Slicer module to match the server"
             )
+        size = _check_size(d.get("image_size"), MAX_MASK_PIXELS, "'image_size'")
+        where = "the trajectory"
         try:
-            h, w = (int(s) for s in d["image_size"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise TrajectoryFormatError(f"'image_size' must be [H, W] ({exc})") from exc
-        steps = []
-        for n, s in enumerate(d.get("steps") or []):
-            where = f"steps[{n}]"
-            masks = dict(s.get("masks") or {})
-            for t, rle in masks.items():
-                if [int(v) for v in rle.get("size", [])] != [h, w]:
-                    raise TrajectoryFormatError(f"{where}.masks[{t!r}] has size {rle.get('size')}, expected {[h, w]}")
-            steps.append(
-                TrajectoryStep(
-                    index=int(s.get("index", n)),
-                    text=s.get("text") or "",
-                    think=s.get("think") or "",
-                    action=s.get("action"),
-                    answer=s.get("answer"),
-                    error=s.get("error"),
-                    clicks={
-                        t: [_click(c, f"{where}.clicks[{t!r}]") for c in cs]
-                        for t, cs in (s.get("clicks") or {}).items()
-                    },
-                    masks_rle=masks,
-                    scores=dict(s.get("scores") or {}),
-                    metrics=dict(s.get("metrics") or {}),
+            steps = []
+            raw_steps = d.get("steps") or []
+            if not isinstance(raw_steps, list):
+                raise TrajectoryFormatError(f"'steps' must be a list, got {type(raw_steps).__name__}")
+            for n, s in enumerate(raw_steps):
+                where = f"steps[{n}]"
+                masks = dict(s.get("masks") or {})
+                _check_masks(masks, size, f"{where}.masks")
+                steps.append(
+                    TrajectoryStep(
+                        index=int(s.get("index", n)),
+                        text=str(s.get("text") or ""),
+                        think=str(s.get("think") or ""),
+                        action=s.get("action"),
+                        answer=s.get("answer"),
+                        error=s.get("error"),
+                        clicks={
+                            t: [_click(c, f"{where}.clicks[{t!r}]") for c in cs]
+                            for t, cs in dict(s.get("clicks") or {}).items()
+                        },
+                        masks_rle=masks,
+                        scores=dict(s.get("scores") or {}),
+                        metrics=dict(s.get("metrics") or {}),
+                    )
                 )
+            where = "initial_masks"
+            initial = dict(d.get("initial_masks") or {})
+            _check_masks(initial, size, where)
+            where = "the trajectory"
+            return cls(
+                version=version,
+                instruction=str(d.get("instruction") or ""),
+                image_size=size,
+                targets=list(d.get("targets") or []),
+                steps=steps,
+                initial_masks_rle=initial,
+                dialect=d.get("dialect", "ibis"),
+                answer=d.get("answer"),
+                stop_reason=d.get("stop_reason"),
+                meta=dict(d.get("meta") or {}),
             )
-        return cls(
-            version=version,
-            instruction=d.get("instruction") or "",
-            image_size=(h, w),
-            targets=list(d.get("targets") or []),
-            steps=steps,
-            initial_masks_rle=dict(d.get("initial_masks") or {}),
-            dialect=d.get("dialect", "ibis"),
-            answer=d.get("answer"),
-            stop_reason=d.get("stop_reason"),
-            meta=dict(d.get("meta") or {}),
-        )
+        except TrajectoryFormatError as exc:
+            if str(exc).startswith(where):
+                raise
+            raise TrajectoryFormatError(f"{where}: {exc}") from exc
+        except _MALFORMED as exc:
+            raise TrajectoryFormatError(f"{where}: malformed ({type(exc).__name__}: {str(exc)[:200]})") from exc
 
     @classmethod
-    def from_json(cls, text: str) -> TrajectoryView:
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text: str | bytes) -> TrajectoryView:
+        """The view of a trajectory JSON text; unreadable JSON raises TrajectoryFormatError."""
+        try:
+            data = json.loads(text)
+        except _MALFORMED as exc:  # JSONDecodeError, UnicodeDecodeError, RecursionError (deep nesting), ...
+            raise TrajectoryFormatError(f"the trajectory JSON cannot be read ({type(exc).__name__}: {exc})") from exc
+        return cls.from_dict(data)
 
     @property
     def num_steps(self) -> int:
