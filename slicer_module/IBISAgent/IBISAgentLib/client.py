@@ -6,16 +6,27 @@ a `params` JSON string and an optional `label` file, and for `output=all` answer
 built by requests_toolbelt's MultipartEncoder: a `params` part (the result JSON, no filename) and an `image` part
 (the label file, with a filename). When the server has no label file it answers with the JSON alone.
 `PUT /datastore/image?image=<id>` (older servers: `PUT /datastore/?image=<id>`) stores an uploaded image.
+
+Limits, so that a slow, broken or hostile server cannot hold Slicer or fill its memory:
+- `timeout` / `infer_timeout` are total deadlines for a whole request (connect, send, headers and body), checked
+  before every read from the socket, not a limit per read;
+- an answer's body is read in chunks up to `max_response_bytes` (default `MAX_RESPONSE_BYTES`, 64 MiB); a larger
+  one is refused (a declared Content-Length at once);
+- redirects are followed only within the server's own scheme, host and port (at most `_MAX_REDIRECTS`); a redirect
+  elsewhere is refused;
+- whatever goes wrong (timeouts, refused or dropped connections, malformed or cut-short answers, JSON nested too
+  deep) raises `IBISAgentClientError` with a message.
 """
 
 from __future__ import annotations
 
+import http.client
+import io
 import json
 import os
 import socket
-import urllib.error
+import time
 import urllib.parse
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
@@ -23,6 +34,10 @@ from pathlib import Path
 
 DEFAULT_MODEL = "ibisagent"
 _OUTPUTS = ("all", "json")
+MAX_RESPONSE_BYTES = 64 * 2**20
+_MAX_REDIRECTS = 3
+_MAX_ERROR_BYTES = 2**16  # an error answer is read this far for its message
+_CHUNK = 2**16
 
 
 class IBISAgentClientError(RuntimeError):
@@ -133,7 +148,7 @@ def _server_message(body: bytes) -> str:
     text = body.decode("utf-8", "replace").strip()
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text[:1000]
     if isinstance(data, dict) and "detail" in data:
         detail = data["detail"]
@@ -146,15 +161,97 @@ def _server_message(body: bytes) -> str:
     return text[:1000]
 
 
+class _DeadlineSocket:
+    """A connected socket whose every send and receive gets the time left until `deadline` (time.monotonic) as its
+    timeout, so a server that trickles bytes cannot stretch a request past its deadline."""
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self._sock = sock
+        self._deadline = deadline
+
+    def _arm(self) -> None:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request's deadline passed")
+        self._sock.settimeout(left)
+
+    def recv_into(self, buffer, nbytes: int = 0, flags: int = 0) -> int:
+        self._arm()
+        return self._sock.recv_into(buffer, nbytes, flags)
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        self._arm()
+        return self._sock.recv(bufsize, flags)
+
+    def sendall(self, data, flags: int = 0) -> None:
+        self._arm()
+        self._sock.sendall(data, flags)
+
+    def makefile(self, mode: str = "rb", buffering: int | None = None, **_) -> io.BufferedReader:
+        # http.client reads the status line, headers and body through this file, whose reads come back to recv_into.
+        # As socket.makefile does, the file holds a reference: closing the connection early (Connection: close)
+        # leaves the socket open until the response has been read.
+        self._sock._io_refs += 1
+        return io.BufferedReader(socket.SocketIO(self, "rb"), buffering or io.DEFAULT_BUFFER_SIZE)
+
+    def _decref_socketios(self) -> None:
+        self._sock._decref_socketios()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+def _read_body(response: http.client.HTTPResponse, limit: int, url: str, truncate: bool = False) -> bytes:
+    """The body in chunks of at most `limit` bytes: more raises IBISAgentClientError (or, with `truncate`, is not
+    read). A body shorter than its Content-Length raises too."""
+    declared = response.getheader("content-length")
+    declared = int(declared) if declared and declared.strip().isdigit() else None
+    if declared is not None and declared > limit and not truncate:
+        raise IBISAgentClientError(
+            f"{url} answered with {declared} bytes, larger than the client's limit of {limit} bytes "
+            "(max_response_bytes); is the URL the IBISAgent server?",
+            url=url,
+        )
+    chunks, total = [], 0
+    while True:
+        chunk = response.read(min(_CHUNK, limit + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > limit:
+            if truncate:
+                return b"".join(chunks)[:limit]
+            raise IBISAgentClientError(
+                f"{url} answered with more than {limit} bytes, larger than the client's limit (max_response_bytes); "
+                "is the URL the IBISAgent server?",
+                url=url,
+            )
+    if declared is not None and total < declared:
+        raise IBISAgentClientError(
+            f"{url}: the answer was cut short ({total} of {declared} bytes); the server may have stopped", url=url
+        )
+    return b"".join(chunks)
+
+
 class IBISAgentClient:
     """Talks to one IBISAgent MONAI Label server.
 
-    server_url: e.g. "http://127.0.0.1:8000"; timeout: seconds for quick requests (info, datastore);
-    infer_timeout: seconds for an inference, which runs the whole agent loop; model: the task name on the server.
+    server_url: e.g. "http://127.0.0.1:8000"; timeout: the total seconds a quick request (info, datastore) may take;
+    infer_timeout: the total seconds for an inference, which runs the whole agent loop; model: the task name on the
+    server; max_response_bytes: the largest answer body read (see the module docstring).
     """
 
     def __init__(
-        self, server_url: str, timeout: float = 30.0, infer_timeout: float = 900.0, model: str = DEFAULT_MODEL
+        self,
+        server_url: str,
+        timeout: float = 30.0,
+        infer_timeout: float = 900.0,
+        model: str = DEFAULT_MODEL,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
     ):
         url = (server_url or "").strip().rstrip("/")
         parsed = urllib.parse.urlparse(url)
@@ -166,9 +263,7 @@ class IBISAgentClient:
         self.timeout = timeout
         self.infer_timeout = infer_timeout
         self.model = model
-        # Direct connections, as MONAI Label's own client makes them: an http_proxy meant for the internet must not
-        # swallow requests to a server on this machine or the local network.
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self.max_response_bytes = max_response_bytes
 
     # -- plumbing ---------------------------------------------------------------------------------------------------
     def _url(self, path: str, query: dict | None = None) -> str:
@@ -186,45 +281,102 @@ class IBISAgentClient:
         content_type: str | None = None,
         timeout: float | None = None,
     ) -> tuple[int, dict, bytes]:
-        """One HTTP request; returns (status, lower-cased headers, body). Non-2xx raises IBISAgentClientError."""
+        """One HTTP request; returns (status, lower-cased headers, body). Non-2xx raises IBISAgentClientError.
+
+        Direct connections (http.client, no proxy), as MONAI Label's own client makes them: an http_proxy meant for
+        the internet must not swallow requests to a server on this machine or the local network."""
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         url = self._url(path, query)
+        for _ in range(_MAX_REDIRECTS + 1):
+            status, headers, answer = self._exchange(method, url, body, content_type, timeout, deadline)
+            if status not in (301, 302, 303, 307, 308):
+                return status, headers, answer
+            location = urllib.parse.urljoin(url, headers.get("location", ""))
+            if not self._same_origin(location):
+                raise IBISAgentClientError(
+                    f"{method} {url} was redirected (HTTP {status}) to {location[:200]!r}; redirects to another "
+                    f"server are not followed: set the server URL to the IBISAgent server itself",
+                    status,
+                    url=url,
+                )
+            url = location
+        raise IBISAgentClientError(
+            f"{method} {url}: more than {_MAX_REDIRECTS} redirects; check the server URL", url=url
+        )
+
+    def _same_origin(self, url: str) -> bool:
+        mine, theirs = urllib.parse.urlsplit(self.server_url), urllib.parse.urlsplit(url)
+        try:
+            return (mine.scheme, mine.hostname, mine.port) == (theirs.scheme, theirs.hostname, theirs.port)
+        except ValueError:  # a port that is not a number
+            return False
+
+    def _exchange(
+        self, method: str, url: str, body: bytes | None, content_type: str | None, timeout: float, deadline: float
+    ) -> tuple[int, dict, bytes]:
+        """One request and answer on a fresh connection, within `deadline`; 3xx answers are returned as they are."""
+        parts = urllib.parse.urlsplit(url)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         headers = {"Accept": "application/json, multipart/form-data, */*"}
         if content_type:
             headers["Content-Type"] = content_type
-        request = urllib.request.Request(url, data=body, method=method, headers=headers)
-        timeout = self.timeout if timeout is None else timeout
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         try:
-            with self._opener.open(request, timeout=timeout) as response:
-                return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
-        except urllib.error.HTTPError as exc:
-            message = _server_message(exc.read() or b"") or exc.reason
-            raise IBISAgentClientError(
-                f"{method} {url} failed with HTTP {exc.code}: {message}", exc.code, str(message), url
-            ) from exc
-        except (socket.timeout, TimeoutError) as exc:  # noqa: UP041 -- distinct classes before Python 3.10 (Slicer 5.6)
+            conn = kind(parts.hostname, parts.port, timeout=max(deadline - time.monotonic(), 0.001))
+        except ValueError as exc:  # a malformed host or port
+            raise IBISAgentClientError(f"{url}: not a usable URL ({exc})", url=url) from exc
+        try:
+            try:
+                conn.connect()
+            except (socket.timeout, TimeoutError) as exc:  # noqa: UP041 -- distinct before Python 3.10 (Slicer 5.6)
+                raise IBISAgentClientError(f"{method} {url} timed out after {timeout:g} s", url=url) from exc
+            except OSError as exc:
+                raise IBISAgentClientError(
+                    f"could not reach the IBISAgent server at {self.server_url} ({exc}); is it running "
+                    "(monailabel start_server --app monailabel_app ...) and is the URL right?",
+                    url=url,
+                ) from exc
+            conn.sock = _DeadlineSocket(conn.sock, deadline)
+            conn.request(method, target, body=body, headers=headers)
+            response = conn.getresponse()
+            status = response.status
+            answer_headers = {k.lower(): v for k, v in response.getheaders()}
+            if 300 <= status < 400:
+                return status, answer_headers, b""
+            if status >= 400:
+                message = _server_message(_read_body(response, _MAX_ERROR_BYTES, url, truncate=True)) or response.reason
+                raise IBISAgentClientError(
+                    f"{method} {url} failed with HTTP {status}: {message}", status, str(message), url
+                )
+            if method == "HEAD":
+                return status, answer_headers, b""
+            return status, answer_headers, _read_body(response, self.max_response_bytes, url)
+        except IBISAgentClientError:
+            raise
+        except (socket.timeout, TimeoutError) as exc:  # noqa: UP041
             raise IBISAgentClientError(
                 f"{method} {url} timed out after {timeout:g} s; the server may still be busy (raise the timeout)",
                 url=url,
             ) from exc
-        except urllib.error.URLError as exc:
-            reason = exc.reason
-            if isinstance(reason, (socket.timeout, TimeoutError)):
-                raise IBISAgentClientError(f"{method} {url} timed out after {timeout:g} s", url=url) from exc
+        except http.client.HTTPException as exc:  # malformed status line, headers, chunks; a cut-short answer
             raise IBISAgentClientError(
-                f"could not reach the IBISAgent server at {self.server_url} ({reason}); is it running "
-                "(monailabel start_server --app monailabel_app ...) and is the URL right?",
+                f"{method} {url} failed: the server's answer is malformed or cut short ({type(exc).__name__}: "
+                f"{str(exc)[:200]})",
                 url=url,
             ) from exc
         except OSError as exc:  # connection reset and friends
             raise IBISAgentClientError(f"{method} {url} failed: {exc}", url=url) from exc
+        finally:
+            conn.close()
 
     @staticmethod
     def _json(body: bytes, url: str):
         try:
             return json.loads(body.decode("utf-8"))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
             raise IBISAgentClientError(
-                f"{url} answered with something that is not JSON: {body[:200]!r}", url=url
+                f"{url} answered with something that is not JSON ({type(exc).__name__}): {body[:200]!r}", url=url
             ) from exc
 
     # -- API --------------------------------------------------------------------------------------------------------
@@ -294,7 +446,7 @@ class IBISAgentClient:
         if answer_type.lower().startswith("multipart/"):
             try:
                 parts = decode_multipart(answer, answer_type)
-            except ValueError as exc:
+            except (ValueError, TypeError, LookupError) as exc:
                 raise IBISAgentClientError(f"{url}: unreadable multipart answer ({exc})", url=url) from exc
             json_parts = [p for p in parts if p.name == "params" and not p.filename]
             file_parts = [p for p in parts if p.filename or p.name == "image"]
