@@ -1,6 +1,7 @@
 """The Slicer library against a hostile server (issue #18): every malformed RLE or trajectory JSON becomes the
-library's own `TrajectoryFormatError` before any mask is allocated, and the HTTP client keeps a total deadline per
-request, a bound on the body it reads, refuses redirects, and turns every failure into `IBISAgentClientError`."""
+library's own `TrajectoryFormatError` before any mask is allocated; the HTTP client keeps a total deadline per request, a bound
+on the body it reads, refuses redirects to another server, and turns every failure into `IBISAgentClientError`;
+the NIfTI reader of server files checks the header before decompressing."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from IBISAgentLib import client as c
+from IBISAgentLib import imagefiles
 from IBISAgentLib import trajectory as lib
 
+from tests.test_io_hardening import nifti_header, write_gz
 from tests.test_trajectory_hardening import HOSTILE_RLES, HOSTILE_TRAJECTORIES
 
 MiB = 2**20
@@ -241,3 +244,34 @@ def test_a_dead_port_is_still_unreachable():
         port = s.getsockname()[1]
     with pytest.raises(c.IBISAgentClientError, match="could not reach the IBISAgent server"):
         c.IBISAgentClient(f"http://127.0.0.1:{port}", timeout=2).info()
+
+
+# -- the NIfTI reader of server files --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, header, zeros, words",
+    [
+        ("4 GiB declared by a 352-byte file", {"shape": (2048, 2048, 1024)}, 0, "max_voxels"),
+        ("4 GiB declared, 8 MiB of zeros gzipped", {"shape": (2048, 2048, 1024)}, 8 * MiB, "max_voxels"),
+        ("a volume cut short", {"shape": (64, 64, 64)}, 1000, "cut short"),
+        ("a negative dimension", {"shape": (4, 4, 4), "dim": [3, 4, -4, 4, 1, 1, 1, 1]}, 64, "shape"),
+        ("a data offset of 1e30", {"shape": (4, 4, 4), "vox_offset": 1e30}, 64, "offset"),
+    ],
+)
+def test_hostile_nifti_files_are_refused_from_their_header(name, header, zeros, words, tmp_path):
+    path = tmp_path / "label.nii.gz"
+    write_gz(path, nifti_header(**header), zeros)
+    for source in (path, path.read_bytes()):
+        peak, error = _peak(lambda s=source: imagefiles.read_nifti(s))
+        assert isinstance(error, ValueError) and words in str(error), f"{name}: {error!r}"
+        assert peak < 8 * MiB, f"{name}: {peak / MiB:.0f} MiB"
+
+
+def test_a_gzip_tail_past_the_declared_data_is_not_decompressed(tmp_path):
+    path = tmp_path / "label.nii.gz"
+    write_gz(path, nifti_header((8, 6, 4)), 256 * MiB, bytes(range(192)))
+    peak, error = _peak(lambda: imagefiles.read_nifti(path))
+    assert error is None and peak < 4 * MiB
+    arr, _ = imagefiles.read_nifti(path)
+    assert arr.shape == (4, 6, 8) and arr[1, 2, 3] == 1 * 48 + 2 * 8 + 3

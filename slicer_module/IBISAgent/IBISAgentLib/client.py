@@ -342,14 +342,16 @@ class IBISAgentClient:
             response = conn.getresponse()
             status = response.status
             answer_headers = {k.lower(): v for k, v in response.getheaders()}
+            bodiless = method == "HEAD" or status in (204, 304)  # a Content-Length here describes no body
             if 300 <= status < 400:
                 return status, answer_headers, b""
             if status >= 400:
-                message = _server_message(_read_body(response, _MAX_ERROR_BYTES, url, truncate=True)) or response.reason
+                text = b"" if bodiless else _read_body(response, _MAX_ERROR_BYTES, url, truncate=True)
+                message = _server_message(text) or response.reason
                 raise IBISAgentClientError(
                     f"{method} {url} failed with HTTP {status}: {message}", status, str(message), url
                 )
-            if method == "HEAD":
+            if bodiless:
                 return status, answer_headers, b""
             return status, answer_headers, _read_body(response, self.max_response_bytes, url)
         except IBISAgentClientError:

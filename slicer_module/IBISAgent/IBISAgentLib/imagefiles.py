@@ -4,11 +4,17 @@ Written here rather than through Slicer's storage nodes so the voxel order is ex
 a (K, J, I) array from `slicer.util.arrayFromVolume` is written with dim = (I, J, K) and its C-order bytes, which is
 NIfTI's on-disk order (i fastest), so the server's nibabel array a[i, j, k] is Slicer's voxel (i, j, k).
 The affine (sform) is the volume's IJK-to-RAS matrix; NIfTI's world frame is RAS like Slicer's.
+
+`read_nifti` reads files that come from a server, so it checks the header before reading data: at most
+`MAX_VOLUME_VOXELS` voxels (2**29, as the server's readers), and a gzip stream is decompressed only up to the bytes
+the header declares.
 """
 
 from __future__ import annotations
 
 import gzip
+import io
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -30,6 +36,7 @@ _DTYPES = {
 }
 _CODES = {code: dtype for dtype, code in _DTYPES.items()}
 _HEADER_SIZE = 348
+MAX_VOLUME_VOXELS = 2**29
 _VOX_OFFSET = 352  # header + the 4-byte extension flag
 
 
@@ -78,52 +85,74 @@ def write_nifti(path: str | Path, array_kji: np.ndarray, ijk_to_ras=None) -> Pat
     return path
 
 
-def read_nifti(source: str | Path | bytes) -> tuple[np.ndarray, np.ndarray]:
+def read_nifti(source: str | Path | bytes, max_voxels: int = MAX_VOLUME_VOXELS) -> tuple[np.ndarray, np.ndarray]:
     """A NIfTI-1 file (path or bytes, gzip or not) -> ((K, J, I) array like `arrayFromVolume`, 4x4 affine).
 
     The affine is the sform when its code is set, else a diagonal of the spacing. Scaling (scl_slope/inter) is
-    applied when present. Only 3D volumes (or 4D with one time point) are read.
+    applied when present. Only 3D volumes (or 4D with one time point) of at most `max_voxels` voxels are read; the
+    header is checked before any data is decompressed, and nothing past the declared data is.
     """
     raw = source if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
-    raw = bytes(raw)
+    stream = io.BytesIO(bytes(raw))
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    if len(raw) < _HEADER_SIZE:
+        stream = gzip.GzipFile(fileobj=stream, mode="rb")
+    try:
+        head = stream.read(_VOX_OFFSET)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise ValueError(f"not a readable NIfTI-1 file: {exc}") from exc
+    if len(head) < _HEADER_SIZE:
         raise ValueError("not a NIfTI-1 file: shorter than its 348-byte header")
-    if struct.unpack_from("<i", raw, 0)[0] == _HEADER_SIZE:
+    if struct.unpack_from("<i", head, 0)[0] == _HEADER_SIZE:
         endian = "<"
-    elif struct.unpack_from(">i", raw, 0)[0] == _HEADER_SIZE:
+    elif struct.unpack_from(">i", head, 0)[0] == _HEADER_SIZE:
         endian = ">"
     else:
         raise ValueError("not a NIfTI-1 file: sizeof_hdr is not 348")
-    dim = struct.unpack_from(endian + "8h", raw, 40)
+    dim = struct.unpack_from(endian + "8h", head, 40)
     ndim = dim[0]
-    shape_ijk = [max(int(d), 1) for d in dim[1 : 1 + ndim]]
+    if not 1 <= ndim <= 7 or any(d < 1 for d in dim[1 : 1 + ndim]):
+        raise ValueError(f"NIfTI dim {list(dim)} is not a valid shape")
+    shape_ijk = [int(d) for d in dim[1 : 1 + ndim]]
     if ndim == 4 and shape_ijk[3] == 1:
         shape_ijk = shape_ijk[:3]
     while len(shape_ijk) < 3:
         shape_ijk.append(1)
     if len(shape_ijk) != 3:
         raise ValueError(f"expected a 3D NIfTI volume, got dim {dim[: 1 + ndim]}")
-    code = struct.unpack_from(endian + "h", raw, 70)[0]
+    count = math.prod(shape_ijk)
+    if count > max_voxels:
+        raise ValueError(
+            f"the NIfTI header declares {shape_ijk} = {count} voxels, above the limit of max_voxels={max_voxels}"
+        )
+    code = struct.unpack_from(endian + "h", head, 70)[0]
     if code not in _CODES:
         raise ValueError(f"NIfTI datatype code {code} is not supported")
-    vox_offset = int(struct.unpack_from(endian + "f", raw, 108)[0])
-    slope, inter = struct.unpack_from(endian + "ff", raw, 112)
+    vox_offset = struct.unpack_from(endian + "f", head, 108)[0]
+    if not _VOX_OFFSET <= vox_offset <= _VOX_OFFSET + 2**24:
+        raise ValueError(f"NIfTI vox_offset {vox_offset} is not a valid data offset")
+    vox_offset = int(vox_offset)
+    slope, inter = struct.unpack_from(endian + "ff", head, 112)
     dtype = _CODES[code].newbyteorder(endian)
-    count = int(np.prod(shape_ijk))
-    data = np.frombuffer(raw, dtype=dtype, count=count, offset=vox_offset)
+    size = count * dtype.itemsize
+    try:
+        stream.read(vox_offset - len(head))  # extensions, at most 16 MiB
+        body = stream.read(size)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise ValueError(f"not a readable NIfTI-1 file: {exc}") from exc
+    if len(body) < size:
+        raise ValueError(f"the NIfTI file ends before its {size} bytes of data; it is cut short")
+    data = np.frombuffer(body, dtype=dtype, count=count)
     i, j, k = shape_ijk
     array_kji = data.reshape(k, j, i).astype(dtype.newbyteorder("="))
     if slope not in (0.0, 1.0) or inter != 0.0:
         array_kji = array_kji * (slope or 1.0) + inter
-    sform_code = struct.unpack_from(endian + "h", raw, 254)[0]
+    sform_code = struct.unpack_from(endian + "h", head, 254)[0]
     if sform_code > 0:
         affine = np.eye(4)
         for row in range(3):
-            affine[row] = struct.unpack_from(endian + "4f", raw, 280 + 16 * row)
+            affine[row] = struct.unpack_from(endian + "4f", head, 280 + 16 * row)
     else:
-        pixdim = struct.unpack_from(endian + "8f", raw, 76)
+        pixdim = struct.unpack_from(endian + "8f", head, 76)
         affine = np.diag([pixdim[1] or 1.0, pixdim[2] or 1.0, pixdim[3] or 1.0, 1.0])
     return array_kji, affine
 
