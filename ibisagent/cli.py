@@ -21,6 +21,9 @@ from ibisagent.metrics import dice, iou, noc
 from ibisagent.render import overlay
 from ibisagent.specs import PolicySpec, SpecError, ToolSpec, add_arguments, from_namespace
 from ibisagent.tools import ToolError
+from ibisagent.trajectory import Trajectory, TrajectoryFormatError
+
+MAX_INSTRUCTION_CHARS = 2000  # as the server's params.instruction: a long text only keeps the model busy
 
 
 class UsageError(ValueError):
@@ -128,14 +131,44 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_out(out: Path) -> Path:
+    """--out as an output folder, created first so that a path that cannot be one fails before any work."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder for the outputs (it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot create the output folder ({exc.strerror or exc})") from exc
+    return out
+
+
+def _replay_policy(path: Path):
+    from ibisagent.policies import ReplayPolicy
+
+    if not path.is_file():
+        raise UsageError(f"--replay {path}: no such file")
+    try:
+        return ReplayPolicy.from_trajectory(Trajectory.from_json(path))
+    except TrajectoryFormatError as exc:
+        raise UsageError(f"--replay {path}: not a usable trajectory JSON: {str(exc)[:300]}") from exc
+
+
 def _segment(args: argparse.Namespace) -> int:
     if not args.instruction.strip():
         raise UsageError("--instruction is empty; say what to segment, e.g. --instruction 'segment the liver'")
+    if len(args.instruction) > MAX_INSTRUCTION_CHARS:
+        raise UsageError(
+            f"--instruction is {len(args.instruction)} characters; give at most {MAX_INSTRUCTION_CHARS} "
+            "(one sentence that says what to segment)"
+        )
+    if args.max_steps < 1:
+        raise UsageError(f"--max-steps must be at least 1, got {args.max_steps}")
     chosen = [n for n in ("model", "gt_mask", "replay") if getattr(args, n)]
     if len(chosen) != 1:
         raise UsageError(
             "give exactly one policy: --model <checkpoint>, --gt-mask <mask> (oracle) or --replay <trajectory.json>"
         )
+    out = _check_out(Path(args.out))
     image = read_image(args.image, args.slice, args.axis)
     size = image.shape[:2]
     target = args.target or target_from_instruction(args.instruction)
@@ -148,13 +181,7 @@ def _segment(args: argparse.Namespace) -> int:
 
         policy = OraclePolicy(gt, dialect=args.dialect)
     else:
-        from ibisagent.policies import ReplayPolicy
-        from ibisagent.trajectory import Trajectory
-
-        path = Path(args.replay)
-        if not path.is_file():
-            raise UsageError(f"--replay {path}: no such file")
-        policy = ReplayPolicy.from_trajectory(Trajectory.from_json(path))
+        policy = _replay_policy(Path(args.replay))
     tool = _tool(args)
     t0 = time.perf_counter()
     episode = Episode(tool, image, [target], initial_masks=initial, max_steps=args.max_steps)
@@ -171,8 +198,6 @@ def _segment(args: argparse.Namespace) -> int:
 
     trajectory = run_episode(policy, episode, args.instruction, gt=gt, on_step=report)
     trajectory.meta.update({"image": str(args.image), "tool": args.tool, "encode_seconds": encode_s})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     write_mask(out / "mask.png", trajectory.final_mask)
     trajectory.to_json(out / "trajectory.json")
     for step in trajectory.steps:
@@ -203,6 +228,12 @@ def _oracle(args: argparse.Namespace) -> int:
     from ibisagent.datasets import list_biomedparse
     from ibisagent.policies import OraclePolicy
 
+    if args.max_clicks < 1:
+        raise UsageError(f"--max-clicks must be at least 1, got {args.max_clicks}")
+    if not 0 < args.stop_iou <= 1:
+        raise UsageError(f"--stop-iou must be in (0, 1], got {args.stop_iou}")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {args.limit}")
     samples = list_biomedparse(args.folder)[: args.limit]
     if not samples:
         raise UsageError(f"{args.folder}: no image/mask pairs found")
@@ -356,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     ) as exc:
         print(f"ibisagent: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # writing the outputs failed: a full disk, no permission
+        print(f"ibisagent: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -252,9 +252,9 @@ class Trajectory:
     def from_json(cls, text_or_path: str | Path) -> Trajectory:
         """A trajectory from JSON text or a file path; unreadable JSON raises TrajectoryFormatError."""
         text = str(text_or_path)
-        if not text.lstrip().startswith(("{", "[")):
-            text = Path(text_or_path).read_text()
         try:
+            if not text.lstrip().startswith(("{", "[")):
+                text = Path(text_or_path).read_text(encoding="utf-8")
             data = json.loads(text)
         except (ValueError, RecursionError) as exc:
             raise TrajectoryFormatError(
