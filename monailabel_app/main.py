@@ -22,7 +22,7 @@ from lib.datastore import StudiesDatastore
 from lib.endpoints import TOKEN_ENV, check_access, install
 from lib.errors import ConfigError, RequestError
 from lib.infers.ibisagent_task import IBISAgentTask
-from lib.request import IMAGE_ID_KEY
+from lib.request import IMAGE_ID_KEY, SESSION_IMAGE_KEY
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import DefaultLabelTag
 
@@ -118,6 +118,7 @@ class IBISAgentApp(MONAILabelApp):
                 embedding_cache=c.embedding_cache,
                 max_clicks=c.max_clicks,
                 max_session_steps=c.max_session_steps,
+                instruction_for=c.instruction_for,
                 labels=c.label_names,
                 server_info={k: v for k, v in asdict(c).items() if k != "labels"},
             )
@@ -132,8 +133,13 @@ class IBISAgentApp(MONAILabelApp):
         if not isinstance(model, str) or model not in self._infers:
             shown = model if not isinstance(model, str) or len(model) < 80 else model[:77] + "..."
             raise RequestError(404, f"unknown model {shown!r}; this server serves: {', '.join(self._infers)}")
-        image_id = request.get("image")
         datastore = datastore or self.datastore()
+        if SESSION_IMAGE_KEY in request:  # an upload session's image (set by the app's /infer, never by params)
+            image_id, uri = request[SESSION_IMAGE_KEY]
+            task = self._infers[model]
+            label_file, result = task({**request, "image": uri, IMAGE_ID_KEY: image_id})
+            return {"label": label_file, "tag": DefaultLabelTag.ORIGINAL.value, "file": label_file, "params": result}
+        image_id = request.get("image")
         if not isinstance(image_id, str) or image_id not in datastore.list_images():
             shown = image_id if not isinstance(image_id, str) or len(image_id) < 80 else image_id[:77] + "..."
             raise RequestError(

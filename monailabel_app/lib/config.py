@@ -3,6 +3,7 @@ value stops the server at start-up with a message naming the key."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import typing
@@ -30,6 +31,17 @@ class AppConfig(ToolSpec, PolicySpec):
         metadata={"help": "tool instances, each holding one slice's embedding (each > 1 loads the tool again)"},
     )
     labels: str = field(default="target", metadata={"help": "comma-separated label names listed in /info/"})
+    instructions: str = field(
+        default="",
+        metadata={
+            "help": 'instructions for label names, as a JSON object, e.g. {"tumor": "segment the liver tumor"}: '
+            "what a request that names only a segment (Slicer's stock module) asks the agent"
+        },
+    )
+    instruction_template: str = field(
+        default="segment the {label}",
+        metadata={"help": "the instruction for a label name that `instructions` does not list ({label}: the name)"},
+    )
     max_clicks: int = field(default=64, metadata={"help": "foreground + background points of one request at most"})
     max_session_steps: int = field(
         default=200, metadata={"help": "steps of one session at most (a longer one must start a new session)"}
@@ -95,6 +107,23 @@ class AppConfig(ToolSpec, PolicySpec):
             raise bad("checkpoint", "the path of an existing weights file")
         if not self.label_names:
             raise bad("labels", "at least one name, e.g. 'liver,tumor'")
+        try:
+            mapping = json.loads(self.instructions) if self.instructions.strip() else {}
+        except ValueError:
+            mapping = None
+        if not isinstance(mapping, dict) or not all(isinstance(v, str) and v.strip() for v in mapping.values()):
+            raise bad("instructions", 'a JSON object of label name -> instruction, e.g. {"tumor": "segment the tumor"}')
+        try:
+            self.instruction_template.format(label="x")
+        except (KeyError, IndexError, ValueError):
+            raise bad("instruction_template", "text with {label} where the label name goes") from None
+        if "{label}" not in self.instruction_template:
+            raise bad("instruction_template", "text with {label} where the label name goes")
+
+    def instruction_for(self, label: str) -> str:
+        """The instruction a request that names only the segment `label` asks the agent."""
+        mapping = json.loads(self.instructions) if self.instructions.strip() else {}
+        return mapping.get(label) or self.instruction_template.format(label=label)
 
     @property
     def label_names(self) -> list[str]:

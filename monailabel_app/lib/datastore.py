@@ -51,6 +51,13 @@ class StudiesDatastore(LocalDatastore):
                 _check_name("image", image_id)
                 _, ext = self._to_id(os.path.basename(image_filename))
                 self._check_inside(os.path.join(self._datastore.image_path(), self._filename(image_id, ext)), "image")
+                known = self._datastore.objects.get(image_id)
+                if known is not None and known.image.ext != ext:
+                    raise RequestError(
+                        409,
+                        f"image id {_show(image_id)} already names a {known.image.ext} study; a {ext} upload would "
+                        "hide it: upload under another id, or DELETE /datastore/image?id=... first",
+                    )
             _check_info(image_info, "params")
         except RequestError:
             _remove_upload(image_filename)

@@ -2,12 +2,14 @@
 
 MONAI Label 0.8.5 mounts some fifty endpoints. The app serves those its users need (`SERVED`: what Slicer's MONAI
 Label module and this project's Slicer module call — info, the datastore's images and labels, next sample,
-inference) and answers every other one 404 with a message: upload sessions (their id is joined onto a folder path and
-their tar/zip archives are unpacked unchecked), logs, model upload, batch inference (a second app process), training,
-scoring, the DICOMweb proxy and OHIF are not needed by an app whose images live in its studies folder.
+inference) and answers every other one 404 with a message: logs, model upload, batch inference (a second app
+process), training, scoring, the DICOMweb proxy and OHIF are not needed by an app whose images live in its studies
+folder. Upload sessions (`PUT /session/`, Slicer's stock module's File > Add Data) are the app's own: MONAI Label's
+join the client's id onto a folder path and unpack tar/zip archives unchecked; these hold one image file each, never
+unpacked, under an id the server makes (`UploadSessions`).
 
 `POST /infer/{model}` is the app's own: MONAI Label's merges the client's params over the path of an uploaded label
-(so a client names any server file as its "upload"), joins `session_id` onto a folder, reads an image id that is
+(so a client names any server file as its "upload"), reads an image id that is
 also a file name in the working directory as that file, leaves refused uploads on disk and runs the model on the
 event loop (every other client waits). This one reads the params within bounds, keeps the upload where params
 cannot point, deletes it in every case, and runs in a worker thread. Its wire format is MONAI Label's.
@@ -29,6 +31,8 @@ import re
 import shutil
 import sys
 import tempfile
+import time
+import uuid
 from typing import Annotated, Any
 
 from fastapi import BackgroundTasks, File, Form, UploadFile
@@ -36,7 +40,7 @@ from monailabel.endpoints.infer import ResultType, send_response
 from monailabel.interfaces.utils.app import app_instance
 
 from .errors import ConfigError, RequestError
-from .request import IMAGE_ID_KEY, UPLOAD_KEY
+from .request import IMAGE_ID_KEY, SESSION_IMAGE_KEY, UPLOAD_KEY
 
 TOKEN_ENV = "IBISAGENT_API_TOKEN"
 HEALTH = "/health"
@@ -66,11 +70,14 @@ SERVED = frozenset(
         ("POST", "/activelearning/{strategy}"),
         ("GET", "/train/"),
         ("POST", "/infer/{model}"),
+        ("PUT", "/session/"),
+        ("GET", "/session/{session_id}"),
+        ("DELETE", "/session/{session_id}"),
     }
 )
 MAX_PARAMS_BYTES = 64 * 1024
 MAX_PARAMS_DEPTH = 4  # the documented params are flat; points are lists of lists
-_RESERVED = ("model", "image", "session", IMAGE_ID_KEY, UPLOAD_KEY)
+_RESERVED = ("model", "image", "session", IMAGE_ID_KEY, UPLOAD_KEY, SESSION_IMAGE_KEY)
 _LABEL_SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg")
 _LOOPBACK_NAMES = ("localhost", "ip6-localhost")
 
@@ -121,7 +128,15 @@ def install(app, max_body_bytes: int, token: str | None) -> None:
         if getattr(route, "original_router", None) is not monailabel_infer.router
         and getattr(getattr(route, "endpoint", None), "__module__", "") != monailabel_infer.__name__
     ]
+    from monailabel.endpoints import session as monailabel_session
+
+    app.router.routes = [
+        r for r in app.router.routes if getattr(r, "original_router", None) is not monailabel_session.router
+    ]
     app.add_api_route("/infer/{model}", infer, methods=["POST"], summary="Run the ibisagent task")
+    app.add_api_route("/session/", put_session, methods=["PUT"], summary="Upload an image for one user's requests")
+    app.add_api_route("/session/{session_id}", get_session, methods=["GET"], summary="An upload session's info")
+    app.add_api_route("/session/{session_id}", delete_session, methods=["DELETE"], summary="Delete an upload session")
     app.add_api_route(HEALTH, _health, methods=["GET"], summary="Liveness check (no authentication)")
     for kind in (ValueError, TypeError, RecursionError, OSError):
         app.add_exception_handler(kind, _form_field_error)
@@ -169,13 +184,8 @@ def infer(
 ):
     """POST /infer/{model}: MONAI Label's request and response format, read within bounds (a plain def: FastAPI
     runs it in a worker thread, so other clients are answered while the model works)."""
-    if session_id:
-        raise RequestError(
-            400,
-            "session_id in the query names a MONAI Label upload session, which this server does not keep; give "
-            "?image=<datastore id> (an ibisagent session id goes in params.session_id)",
-        )
-    if file is not None or not image:
+    uploaded = upload_sessions().path(session_id) if session_id else None
+    if file is not None or not (image or uploaded):
         if file is None:
             raise RequestError(
                 400,
@@ -194,6 +204,8 @@ def infer(
             "json or image",
         )
     request = {"model": model, "image": image, **parse_params(params)}
+    if uploaded is not None:
+        request[SESSION_IMAGE_KEY] = (f"upload-{session_id}", uploaded)
     upload = None
     try:
         if label is not None:
@@ -204,6 +216,108 @@ def infer(
     finally:
         if upload is not None and os.path.exists(upload):
             os.unlink(upload)
+
+
+class UploadSessions:
+    """MONAI Label's upload sessions (`PUT /session/`, what Slicer's stock module uses for File > Add Data), kept
+    safely: one image file per session, stored as `<folder>/<id>/image<suffix>` under a random 32-hex id the server
+    makes, never unpacked, dropped after `expiry_s`. A session id is only ever looked up, never joined onto a path
+    before it is checked."""
+
+    def __init__(self, folder: str, expiry_s: int):
+        self.folder = os.path.realpath(folder)
+        self.expiry_s = expiry_s
+        os.makedirs(self.folder, mode=0o700, exist_ok=True)
+
+    def add(self, filename: str, stream) -> dict:
+        self.drop_expired()
+        suffix = _image_suffix(filename)
+        session_id = uuid.uuid4().hex
+        folder = os.path.join(self.folder, session_id)
+        os.mkdir(folder, 0o700)
+        try:
+            with open(os.path.join(folder, "image" + suffix), "wb") as out:
+                shutil.copyfileobj(stream, out, 1 << 20)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return self.info(session_id)
+
+    def path(self, session_id: str) -> str:
+        """The session's image file; 404 for an id that is not one of this store's live sessions."""
+        if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
+            raise RequestError(404, f"upload session {session_id[:40]!r} is unknown; PUT /session/ makes one")
+        folder = os.path.join(self.folder, session_id)
+        files = [f for f in os.listdir(folder) if f.startswith("image")] if os.path.isdir(folder) else []
+        if not files or time.time() - os.stat(folder).st_mtime > self.expiry_s:
+            raise RequestError(404, f"upload session {session_id!r} is unknown or expired; upload the image again")
+        return os.path.join(folder, files[0])
+
+    def info(self, session_id: str) -> dict:
+        path = self.path(session_id)
+        expires = os.stat(os.path.dirname(path)).st_mtime + self.expiry_s
+        return {"session_id": session_id, "session_info": {"name": os.path.basename(path), "expiry": int(expires)}}
+
+    def remove(self, session_id: str) -> dict:
+        info = self.info(session_id)
+        shutil.rmtree(os.path.join(self.folder, session_id), ignore_errors=True)
+        return info
+
+    def drop_expired(self) -> None:
+        now = time.time()
+        for name in os.listdir(self.folder):
+            folder = os.path.join(self.folder, name)
+            if _SESSION_ID.fullmatch(name) and now - os.stat(folder).st_mtime > self.expiry_s:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+_SESSION_ID = re.compile(r"[0-9a-f]{32}")
+_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm")
+_STORE: list[UploadSessions] = []
+
+
+def upload_sessions() -> UploadSessions:
+    if not _STORE:
+        from monailabel.config import settings
+
+        folder = settings.MONAI_LABEL_SESSION_PATH or os.path.join(
+            os.path.expanduser("~"), ".cache", "monailabel", "sessions"
+        )
+        _STORE.append(UploadSessions(os.path.join(folder, "ibisagent"), settings.MONAI_LABEL_SESSION_EXPIRY))
+    return _STORE[0]
+
+
+def _image_suffix(filename: str) -> str:
+    lower = filename.lower()
+    suffix = next((s for s in _IMAGE_SUFFIXES if lower.endswith(s)), None)
+    if suffix is None:
+        raise RequestError(
+            400,
+            f"the upload {filename[:80]!r} must be a NIfTI volume (.nii, .nii.gz) or a PNG/JPG/TIFF/BMP/DICOM image",
+        )
+    return suffix
+
+
+def put_session(files: Annotated[list[UploadFile], File()], uncompress: bool = False, expiry: int = 0):
+    """PUT /session/: one image, never unpacked (archives are refused)."""
+    if uncompress:
+        raise RequestError(400, "uncompress is not supported: upload one image file (a NIfTI volume or a 2D image)")
+    if len(files) != 1:
+        raise RequestError(400, f"upload one image file per session, not {len(files)}")
+    return upload_sessions().add(files[0].filename or "", files[0].file)
+
+
+def get_session(session_id: str, image: bool = False):
+    if image:
+        from fastapi.responses import FileResponse
+
+        path = upload_sessions().path(session_id)
+        return FileResponse(path, filename=os.path.basename(path))
+    return upload_sessions().info(session_id)
+
+
+def delete_session(session_id: str):
+    return upload_sessions().remove(session_id)
 
 
 def parse_params(text: str) -> dict[str, Any]:

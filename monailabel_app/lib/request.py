@@ -18,6 +18,7 @@ from .errors import RequestError
 
 IMAGE_ID_KEY = "ibisagent_image_id"  # the request's image id, checked against the datastore by the app
 UPLOAD_KEY = "ibisagent_label_upload"  # the path of the request's uploaded label, put there by the app's /infer
+SESSION_IMAGE_KEY = "ibisagent_session_image"  # (id, path) of an upload session's image, put there by the app
 # What a client may send in the request's params ("label": a segment's name, as Slicer's stock module sends it).
 FIELDS = (
     "instruction",
@@ -120,14 +121,22 @@ class AgentParams:
     def points3d(self) -> list[list[float]]:
         return [p for p in (*self.foreground, *self.background) if len(p) == 3]
 
-    def clicks(self, target: str, slice_index: int | None, axis: int, shape: tuple[int, int]) -> list[Click]:
-        """The user's foreground (positive) then background (negative) points as Clicks for `target`."""
-        out = []
+    def clicks(
+        self, target: str, slice_index: int | None, axis: int, shape: tuple[int, int]
+    ) -> tuple[list[Click], list[dict]]:
+        """The user's foreground (positive) then background (negative) points as Clicks for `target`, and the
+        [i, j, k] points that lie on other slices than the request's: left out, as MONAI's deepgrow does (Slicer's
+        stock module sends the points of every slice), and listed for the response."""
+        out, ignored = [], []
         for name, positive in (("foreground", True), ("background", False)):
             for i, point in enumerate(getattr(self, name)):
+                if len(point) == 3 and voxel_to_pixel(point, axis)[0] != (slice_index or 0):
+                    k = voxel_to_pixel(point, axis)[0]
+                    ignored.append({"field": name, "index": i, "point": point, "slice": k})
+                    continue
                 x, y = to_pixel(point, f"params.{name}[{i}]", slice_index, axis, shape)
                 out.append(Click(x, y, positive, target))
-        return out
+        return out, ignored
 
 
 class _Fields(dict):

@@ -59,11 +59,13 @@ def start(tmp: Path, name: str = "attack", conf: dict | None = None) -> _Server:
 
 
 def snapshot(tmp: Path) -> dict[str, tuple]:
-    """Every file under tmp outside the studies folder and the server's TMPDIR: (size, mtime, atime)."""
+    """Every file under tmp outside the server's own folders (studies, TMPDIR, upload sessions): (size, mtime,
+    atime)."""
     out = {}
     for path in tmp.rglob("*"):
         rel = path.relative_to(tmp)
-        if rel.parts[0] in ("studies", "server-tmp") or path.suffix == ".log" or not path.is_file():
+        server_state = rel.parts[0] in ("studies", "server-tmp") or rel.parts[0].endswith("-monailabel-sessions")
+        if server_state or path.suffix == ".log" or not path.is_file():
             continue
         st = path.stat()
         out[str(rel)] = (st.st_size, st.st_mtime_ns, st.st_atime_ns)

@@ -261,10 +261,10 @@ ANSWERED = [
         "is out of range",
     ),
     (
-        "volume click off its slice",
-        {"params": {"instruction": "x", "slice": 3, "foreground": [[9, 9, 4]]}, "image": VOLUME},
+        "volume click off its slice, nothing else to do",
+        {"params": {"instruction": "x", "slice": 3, "foreground": [[9, 9, 4]], "run_agent": False}, "image": VOLUME},
         400,
-        "lies in slice 4",
+        "lie on other slices: slice 4 of axis 2",
     ),
     ("point of four numbers", {"params": {"instruction": "x", "foreground": [[1, 2, 0, 0]]}}, 400, "foreground[0]"),
     ("257 points", {"params": {"instruction": "x", "foreground": [[1, 2]] * 257}}, 400, "at most 256 points"),

@@ -13,10 +13,10 @@ from tests.monailabel_app.attack import CANARIES, LIVER, call, infer, png_bytes
 pytest.importorskip("monailabel")
 
 
-def test_a_session_id_path_in_the_query_is_refused_and_nothing_is_deleted(attack):
+def test_a_session_id_path_in_the_query_is_unknown_and_nothing_is_deleted(attack):
     for session_id in ("../outside", "../../outside", str(attack["tmp"] / "outside")):
         response = infer(attack["server"], params={"instruction": "x"}, query={"session_id": session_id})
-        assert response.status_code == 400 and "upload session" in response.json()["detail"]
+        assert response.status_code == 404 and "upload session" in response.json()["detail"]
     assert all((attack["tmp"] / name).is_file() for name in CANARIES)
 
 

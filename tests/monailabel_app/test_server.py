@@ -79,7 +79,9 @@ class _Server:
     def start(self) -> None:
         """Start the process (again, after stop() or a kill: same port, same folders)."""
         tmp, env = self.tmp, self.env
-        app = tmp / "app"  # as scripts/serve.sh runs it: MONAI Label's model/, logs/, bin/ land here, not in the checkout
+        app = (
+            tmp / "app"
+        )  # as scripts/serve.sh runs it: MONAI Label's model/, logs/, bin/ land here, not in the checkout
         app.mkdir(exist_ok=True)
         for name in ("main.py", "lib"):
             if not (app / name).exists():
@@ -410,9 +412,9 @@ BAD_REQUESTS = [
     ("negative click", LIVER, {"instruction": "x", "background": [[-1, 5]]}, None, 400, "background[0]"),
     ("malformed point", LIVER, {"instruction": "x", "foreground": [[1]]}, None, 400, "foreground[0] must be"),
     (
-        "IJK point off the slice",
+        "IJK point off the slice, nothing else to do",
         VOLUME,
-        {"instruction": "x", "slice": 3, "foreground": [[9, 9, 4]]},
+        {"instruction": "x", "slice": 3, "foreground": [[9, 9, 4]], "run_agent": False},
         None,
         400,
         "slice 4",

@@ -44,6 +44,7 @@ class IBISAgentTask(InferTask):
     max_steps:       the step limit: the default and the maximum of a request's `max_steps`.
     max_clicks:      foreground + background points of one request at most.
     max_session_steps: steps of one session at most.
+    instruction_for: the instruction for a request that names only a segment (label name -> text).
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class IBISAgentTask(InferTask):
         server_info: dict[str, Any],
         max_clicks: int = 64,
         max_session_steps: int = 200,
+        instruction_for: Callable[[str], str] = "segment the {}".format,
     ):
         super().__init__(
             # "deepgrow" makes Slicer's stock MONAI Label module list the task in its click (DeepGrow) section.
@@ -79,6 +81,7 @@ class IBISAgentTask(InferTask):
         self.max_steps = max_steps
         self.max_clicks = max_clicks
         self.max_session_steps = max_session_steps
+        self.instruction_for = instruction_for
         self.server_info = dict(server_info)
         self._agent_lock = threading.Lock()  # the policies of all sessions share one model (and torch's RNG)
 
@@ -102,8 +105,8 @@ class IBISAgentTask(InferTask):
         if not isinstance(image_id, str):
             raise RequestError(400, "the request names no datastore image; give ?image=<id>")
         if params.session_id is None:
-            session, clicks, initial = self._new_session(params, image_id, str(request.get("image", "")))
-            return self._run(session, params, t0, clicks=clicks, initial=initial)
+            session, clicks, ignored, initial = self._new_session(params, image_id, str(request.get("image", "")))
+            return self._run(session, params, t0, clicks=clicks, initial=initial, ignored=ignored)
         session = self.sessions.get(params.session_id)
         if not session.lock.acquire(timeout=SESSION_WAIT_S):
             raise RequestError(409, f"session_id {session.id!r} is busy with another request; retry when it is done")
@@ -111,7 +114,7 @@ class IBISAgentTask(InferTask):
             # Everything is checked before the session changes: a refused request leaves it as it was.
             _check_same_slice(session, params, image_id)
             shape = session.image.shape[:2]
-            clicks = params.clicks(session.target, session.key.slice, session.key.axis, shape)
+            clicks, ignored = params.clicks(session.target, session.key.slice, session.key.axis, shape)
             removed = [
                 to_pixel(p, f"params.remove_clicks[{i}]", session.key.slice, session.key.axis, shape)
                 for i, p in enumerate(params.remove_clicks)
@@ -120,7 +123,7 @@ class IBISAgentTask(InferTask):
                 edit = session.interactive.plan(params.undo_to, removed, clicks)
             except EditError as exc:
                 raise RequestError(400, f"params.{exc}") from exc
-            return self._run(session, params, t0, edit=edit)
+            return self._run(session, params, t0, edit=edit, ignored=ignored)
         finally:
             session.lock.release()
 
@@ -136,22 +139,30 @@ class IBISAgentTask(InferTask):
         height, width = source.slice_shape(axis)
         instruction = params.instruction
         if instruction is None and params.label_name:  # Slicer's stock module sends only the segment's name
-            instruction = f"segment the {params.label_name}"
+            instruction = self.instruction_for(params.label_name)
         if instruction is None:
             raise RequestError(400, "params.instruction is missing; say what to segment, e.g. 'segment the liver'")
         target = params.target or params.label_name or target_from_instruction(instruction)
-        clicks = params.clicks(target, slice_index, axis, (height, width))
+        clicks, ignored = params.clicks(target, slice_index, axis, (height, width))
         initial = None
         if params.label_file is not None:
             initial = {target: read_label(params.label_file, source, slice_index, axis, (height, width))}
         elif not clicks and not params.run_agent:
-            raise RequestError(400, "nothing to do: run_agent is false and there are no foreground/background points")
+            elsewhere = sorted({p["slice"] for p in ignored})
+            detail = (
+                f"; the points given lie on other slices: slice {', '.join(map(str, elsewhere[:5]))} of axis {axis}"
+            )
+            raise RequestError(
+                400,
+                "nothing to do: run_agent is false and there are no foreground/background points on slice "
+                f"{slice_index or 0}{detail if ignored else ''}",
+            )
         try:
             image = read_image(source.path, slice_index, axis)
         except ImageReadError as exc:
             raise RequestError(400, f"image {image_id!r} cannot be read: {exc}") from exc
         key = SliceKey(image_id, slice_index, axis, source.mtime_ns)
-        return Session(SessionStore.new_id(), key, image, instruction, target, source=source), clicks, initial
+        return Session(SessionStore.new_id(), key, image, instruction, target, source=source), clicks, ignored, initial
 
     def _run(
         self,
@@ -161,6 +172,7 @@ class IBISAgentTask(InferTask):
         edit: Edit | None = None,
         clicks: list[Click] = (),
         initial: dict[str, np.ndarray] | None = None,
+        ignored: list[dict] = (),
     ) -> tuple[str, dict]:
         """Apply the request to the session with a tool that holds its image, then build the response: a checked
         `edit` of a running session, or a new session's user `clicks` and `initial` masks."""
@@ -209,6 +221,7 @@ class IBISAgentTask(InferTask):
             "encode_count": session.encode_count,
             "trajectory": trajectory.to_dict(),
             "label_kind": "volume" if session.source.kind == "volume" else "2d",
+            "ignored_points": list(ignored),
         }
         # last: nothing can fail after the file exists
         label_path = write_label(trajectory.final_mask, session.source, session.key.slice, session.key.axis)
