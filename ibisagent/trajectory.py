@@ -67,7 +67,8 @@ def check_size(size, max_pixels: int = MAX_MASK_PIXELS, what: str = "size") -> t
 
 
 def check_rle(rle, max_pixels: int = MAX_MASK_PIXELS) -> tuple[int, int, list[int]]:
-    """(H, W, counts) of a valid RLE dict, checked without allocating the mask; else TrajectoryFormatError."""
+    """(H, W, counts) of a valid RLE dict, checked without allocating the mask; else TrajectoryFormatError.
+    The Slicer library, which cannot import this package, mirrors it (`IBISAgentLib.trajectory.check_rle`)."""
     if not isinstance(rle, dict):
         raise TrajectoryFormatError(
             f"an RLE mask is an object {{'size': [H, W], 'counts': [...]}}, got {type(rle).__name__}"

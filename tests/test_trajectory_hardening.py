@@ -9,15 +9,13 @@ fault in numpy's `repeat` before) and sizes of gigapixels are refused from the n
 from __future__ import annotations
 
 import json
-import tracemalloc
 
 import numpy as np
 import pytest
 
 from ibisagent import trajectory as core
 from ibisagent.trajectory import Trajectory, TrajectoryFormatError, decode_mask, encode_mask
-
-MiB = 2**20
+from tests.test_io_hardening import MiB, peak_of
 
 # name: (RLE, words the message must contain)
 HOSTILE_RLES = {
@@ -49,22 +47,10 @@ HOSTILE_RLES = {
 }
 
 
-def _peak(fn):
-    tracemalloc.start()
-    try:
-        fn()
-        error = None
-    except BaseException as exc:  # noqa: BLE001 -- returned to the caller
-        error = exc
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    return peak, error
-
-
 @pytest.mark.parametrize("name", list(HOSTILE_RLES))
 def test_hostile_rle_is_a_clear_value_error_before_any_allocation(name):
     rle, words = HOSTILE_RLES[name]
-    peak, error = _peak(lambda: decode_mask(rle))
+    peak, error = peak_of(lambda: decode_mask(rle))
     assert isinstance(error, ValueError), f"{name}: {error!r}"
     assert words in str(error), f"{name}: {error}"
     assert peak < 1 * MiB, f"{name}: {peak / MiB:.0f} MiB"
@@ -136,7 +122,7 @@ def test_hostile_trajectory_is_a_trajectory_format_error(name):
     if words is None:  # readable: a string with a lone surrogate is still a string
         Trajectory.from_json(text)
         return
-    peak, error = _peak(lambda: Trajectory.from_json(text))
+    peak, error = peak_of(lambda: Trajectory.from_json(text))
     assert isinstance(error, TrajectoryFormatError) and isinstance(error, ValueError), f"{name}: {error!r}"
     assert words in str(error), f"{name}: {error}"
     assert peak < 64 * MiB

@@ -9,7 +9,6 @@ import json
 import socket
 import threading
 import time
-import tracemalloc
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -17,23 +16,8 @@ from IBISAgentLib import client as c
 from IBISAgentLib import imagefiles
 from IBISAgentLib import trajectory as lib
 
-from tests.test_io_hardening import nifti_header, write_gz
+from tests.test_io_hardening import MiB, nifti_header, peak_of, write_gz
 from tests.test_trajectory_hardening import HOSTILE_RLES, HOSTILE_TRAJECTORIES
-
-MiB = 2**20
-
-
-def _peak(fn):
-    tracemalloc.start()
-    try:
-        fn()
-        error = None
-    except BaseException as exc:  # noqa: BLE001 -- returned to the caller
-        error = exc
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    return peak, error
-
 
 # -- the trajectory reader -------------------------------------------------------------------------------------------
 
@@ -41,7 +25,7 @@ def _peak(fn):
 @pytest.mark.parametrize("name", list(HOSTILE_RLES))
 def test_hostile_rle_is_a_trajectory_format_error(name):
     rle, words = HOSTILE_RLES[name]
-    peak, error = _peak(lambda: lib.decode_rle(rle))
+    peak, error = peak_of(lambda: lib.decode_rle(rle))
     assert isinstance(error, lib.TrajectoryFormatError), f"{name}: {error!r}"
     assert words in str(error), f"{name}: {error}"
     assert peak < 1 * MiB, f"{name}: {peak / MiB:.0f} MiB"
@@ -51,7 +35,7 @@ def test_hostile_rle_is_a_trajectory_format_error(name):
 def test_hostile_trajectory_json_is_a_trajectory_format_error(name):
     data, words = HOSTILE_TRAJECTORIES[name]
     text = data if isinstance(data, str) else json.dumps(data)
-    peak, error = _peak(lambda: lib.TrajectoryView.from_json(text))
+    peak, error = peak_of(lambda: lib.TrajectoryView.from_json(text))
     assert isinstance(error, lib.TrajectoryFormatError), f"{name}: {error!r}"
     assert peak < 64 * MiB
 
@@ -222,7 +206,7 @@ def test_hostile_answers_are_client_errors(name, servers):
     path, options, words, seconds = HOSTILE_ANSWERS[name]
     client = _client(main, **{"timeout": 5.0, **options})
     t0 = time.monotonic()
-    peak, error = _peak(lambda: client._json(client._request("GET", path)[2], path))
+    peak, error = peak_of(lambda: client._json(client._request("GET", path)[2], path))
     elapsed = time.monotonic() - t0
     assert isinstance(error, c.IBISAgentClientError), f"{name}: {error!r}"
     assert words in str(error), f"{name}: {error}"
@@ -263,7 +247,7 @@ def test_hostile_nifti_files_are_refused_from_their_header(name, header, zeros, 
     path = tmp_path / "label.nii.gz"
     write_gz(path, nifti_header(**header), zeros)
     for source in (path, path.read_bytes()):
-        peak, error = _peak(lambda s=source: imagefiles.read_nifti(s))
+        peak, error = peak_of(lambda s=source: imagefiles.read_nifti(s))
         assert isinstance(error, ValueError) and words in str(error), f"{name}: {error!r}"
         assert peak < 8 * MiB, f"{name}: {peak / MiB:.0f} MiB"
 
@@ -271,7 +255,7 @@ def test_hostile_nifti_files_are_refused_from_their_header(name, header, zeros, 
 def test_a_gzip_tail_past_the_declared_data_is_not_decompressed(tmp_path):
     path = tmp_path / "label.nii.gz"
     write_gz(path, nifti_header((8, 6, 4)), 256 * MiB, bytes(range(192)))
-    peak, error = _peak(lambda: imagefiles.read_nifti(path))
+    peak, error = peak_of(lambda: imagefiles.read_nifti(path))
     assert error is None and peak < 4 * MiB
     arr, _ = imagefiles.read_nifti(path)
     assert arr.shape == (4, 6, 8) and arr[1, 2, 3] == 1 * 48 + 2 * 8 + 3
