@@ -18,6 +18,7 @@ import tempfile
 import time
 from typing import Any
 
+import numpy as np
 from monailabel.datastore.local import LocalDatastore
 
 from .errors import RequestError
@@ -107,6 +108,18 @@ class StudiesDatastore(LocalDatastore):
         self._check_inside(path, "tag")
         super().remove_label(label_id, label_tag)
 
+    def get_image_info(self, image_id: str) -> dict[str, Any]:
+        """The image's stored info, without the server's file path (it means nothing to a client), with its geometry
+        from the file's header: {"kind", "shape", "affine"} (the NIfTI's voxel -> RAS matrix; None for 2D files).
+        A client compares it with its own volume before trusting an image id (Slicer's module does)."""
+        if image_id not in self._datastore.objects:
+            raise RequestError(404, f"unknown image id {_show(image_id)}; GET /datastore/?output=all lists the ids")
+        info = super().get_image_info(image_id)
+        path = info.pop("path", None)
+        if path:
+            info["geometry"] = image_geometry(path)
+        return info
+
     def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
         if image_id not in self._datastore.objects:
             raise RequestError(404, f"unknown image id {_show(image_id)}; GET /datastore/?output=all lists the ids")
@@ -157,6 +170,22 @@ class StudiesDatastore(LocalDatastore):
             raise RequestError(
                 400, f"{field}: the file {os.path.basename(path)!r} links outside the studies folder; use a new name"
             )
+
+
+def image_geometry(path: str) -> dict[str, Any]:
+    """{"kind", "shape", "affine"} of an image file from its header alone; {"error": ...} for an unreadable file."""
+    from ibisagent.io import ImageReadError, probe_image
+
+    try:
+        probed = probe_image(path)
+        affine = None
+        if probed.kind == "nifti":
+            import nibabel as nib
+
+            affine = np.asarray(nib.load(path).affine, float).round(6).tolist()
+    except (ImageReadError, OSError, ValueError) as exc:
+        return {"error": str(exc).replace(path, os.path.basename(path))}
+    return {"kind": probed.kind, "shape": list(probed.shape), "affine": affine}
 
 
 def _check_name(field: str, value: Any) -> None:

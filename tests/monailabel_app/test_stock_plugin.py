@@ -110,3 +110,22 @@ def test_a_second_upload_of_another_kind_does_not_replace_a_study(attack, client
         client.upload_image(str(path), "04_CT_liver")
     objects = call(attack["server"], "GET", "/datastore/", params={"output": "all"}).json()["objects"]
     assert objects["04_CT_liver"]["image"]["ext"] == ".png"
+
+
+def test_image_info_reports_the_geometry_and_no_server_path(attack, tmp_path):
+    """What a client compares with its own volume before trusting an image id (a left-handed affine included)."""
+    las = np.diag([-0.8, 0.8, 2.5, 1.0])
+    las[:3, 3] = [10.0, -20.0, 5.0]
+    path = tmp_path / "las.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((6, 5, 4), np.int16), las), path)
+    files = {"file": ("las.nii.gz", path.read_bytes())}
+    assert call(attack["server"], "PUT", "/datastore/image", params={"image": "las"}, files=files).status_code == 200
+    try:
+        info = call(attack["server"], "GET", "/datastore/image/info", params={"image": "las"}).json()
+        assert "path" not in info and info["geometry"]["kind"] == "nifti" and info["geometry"]["shape"] == [6, 5, 4]
+        np.testing.assert_allclose(info["geometry"]["affine"], las)
+        png = call(attack["server"], "GET", "/datastore/image/info", params={"image": "08_MRI_heart"}).json()
+        assert png["geometry"] == {"kind": "raster", "shape": [1024, 1024], "affine": None}
+        assert call(attack["server"], "GET", "/datastore/image/info", params={"image": "nope"}).status_code == 404
+    finally:
+        call(attack["server"], "DELETE", "/datastore/image", params={"id": "las"})
