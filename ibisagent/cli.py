@@ -22,8 +22,7 @@ from ibisagent.render import overlay
 from ibisagent.specs import PolicySpec, SpecError, ToolSpec, add_arguments, from_namespace
 from ibisagent.tools import ToolError
 from ibisagent.trajectory import Trajectory, TrajectoryFormatError
-
-MAX_INSTRUCTION_CHARS = 2000  # as the server's params.instruction: a long text only keeps the model busy
+from ibisagent.types import MAX_INSTRUCTION_CHARS
 
 
 class UsageError(ValueError):

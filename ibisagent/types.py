@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 DEFAULT_TARGET = "target"
 
 
+# The longest instruction a user may give (CLI, server): text beyond it only keeps the model busy.
+MAX_INSTRUCTION_CHARS = 2000
+
+
 @dataclass(frozen=True)
 class Click:
     """One click: (x, y) in pixels of the original image (x = column, y = row); positive adds, negative removes."""

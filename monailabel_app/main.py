@@ -119,6 +119,8 @@ class IBISAgentApp(MONAILabelApp):
                 max_clicks=c.max_clicks,
                 max_session_steps=c.max_session_steps,
                 instruction_for=c.instruction_for,
+                max_pixels=c.max_image_megapixels * 1_000_000,
+                max_voxels=c.max_volume_megavoxels * 1_000_000,
                 labels=c.label_names,
                 server_info={k: v for k, v in asdict(c).items() if k != "labels"},
             )

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ibisagent.cli import MAX_INSTRUCTION_CHARS, main
+from ibisagent.cli import main
 from ibisagent.trajectory import encode_mask
+from ibisagent.types import MAX_INSTRUCTION_CHARS
 from tests.test_io_hardening import MiB, nifti_header, peak_of, png_bomb, write_gz
 
 H, W = 24, 32

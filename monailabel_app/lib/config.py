@@ -50,7 +50,11 @@ class AppConfig(ToolSpec, PolicySpec):
         default=1024, metadata={"help": "megabytes of one request body at most (image, label and form fields)"}
     )
     max_image_megapixels: int = field(
-        default=64, metadata={"help": "pixels of a study image or slice at most, in millions (checked from its header)"}
+        default=16,
+        metadata={"help": "pixels of a study image, slice or label at most, in millions (checked from the header)"},
+    )
+    max_volume_megavoxels: int = field(
+        default=512, metadata={"help": "voxels of a study volume at most, in millions (checked from the header)"}
     )
 
     def __post_init__(self) -> None:  # both bases' checks (the dataclass __init__ calls only the first in the MRO)
@@ -98,6 +102,7 @@ class AppConfig(ToolSpec, PolicySpec):
             "max_session_steps",
             "max_upload_mb",
             "max_image_megapixels",
+            "max_volume_megavoxels",
         ):
             if getattr(self, key) < 1:
                 raise bad(key, "an integer of at least 1")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ibisagent.geometry import voxel_to_pixel
-from ibisagent.types import Click
+from ibisagent.types import MAX_INSTRUCTION_CHARS, Click
 
 from .errors import RequestError
 
@@ -36,7 +36,7 @@ FIELDS = (
 )
 _MAX_POINTS = 256
 # Text that reaches the model's prompt: a megabyte-long instruction kept a tiny model busy for minutes.
-_MAX_INSTRUCTION, _MAX_NAME = 2000, 200
+_MAX_NAME = 200
 
 
 @dataclass
@@ -68,7 +68,7 @@ class AgentParams:
                 raise RequestError(400, f"params.instruction must be a string, got {show(instruction)}")
             if not instruction.strip():
                 raise RequestError(400, "params.instruction is empty; say what to segment, e.g. 'segment the liver'")
-            instruction = _short(instruction.strip(), "params.instruction", _MAX_INSTRUCTION)
+            instruction = _short(instruction.strip(), "params.instruction", MAX_INSTRUCTION_CHARS)
         session_id = request.get("session_id")
         if session_id is not None and (not isinstance(session_id, str) or not session_id):
             raise RequestError(400, f"params.session_id must be a session id string or null, got {show(session_id)}")

@@ -45,6 +45,7 @@ class IBISAgentTask(InferTask):
     max_clicks:      foreground + background points of one request at most.
     max_session_steps: steps of one session at most.
     instruction_for: the instruction for a request that names only a segment (label name -> text).
+    max_pixels, max_voxels: the largest 2D image / slice and volume read (checked from the file's header).
     """
 
     def __init__(
@@ -62,6 +63,8 @@ class IBISAgentTask(InferTask):
         max_clicks: int = 64,
         max_session_steps: int = 200,
         instruction_for: Callable[[str], str] = "segment the {}".format,
+        max_pixels: int = 1 << 24,
+        max_voxels: int = 1 << 29,
     ):
         super().__init__(
             # "deepgrow" makes Slicer's stock MONAI Label module list the task in its click (DeepGrow) section.
@@ -82,6 +85,7 @@ class IBISAgentTask(InferTask):
         self.max_clicks = max_clicks
         self.max_session_steps = max_session_steps
         self.instruction_for = instruction_for
+        self.max_pixels, self.max_voxels = max_pixels, max_voxels
         self.server_info = dict(server_info)
         self._agent_lock = threading.Lock()  # the policies of all sessions share one model (and torch's RNG)
 
@@ -134,7 +138,7 @@ class IBISAgentTask(InferTask):
             raise RequestError(
                 400, "undo_to and remove_clicks need a session; give the session_id of a previous result"
             )
-        source = ImageSource.open(image_id, path)
+        source = ImageSource.open(image_id, path, self.max_pixels, self.max_voxels)
         slice_index, axis = source.resolve_slice(params.slice, params.axis, params.points3d())
         height, width = source.slice_shape(axis)
         instruction = params.instruction
@@ -158,7 +162,7 @@ class IBISAgentTask(InferTask):
                 f"{slice_index or 0}{detail if ignored else ''}",
             )
         try:
-            image = read_image(source.path, slice_index, axis)
+            image = read_image(source.path, slice_index, axis, max_pixels=self.max_pixels, max_voxels=self.max_voxels)
         except ImageReadError as exc:
             raise RequestError(400, f"image {image_id!r} cannot be read: {exc}") from exc
         key = SliceKey(image_id, slice_index, axis, source.mtime_ns)
