@@ -1,5 +1,8 @@
 """The click simulator (paper Appendix B.1, after Xu et al. 2016): the next click goes to the centre of the largest
 error region. Deterministic; used to build training trajectories, as the oracle policy and in benchmarks.
+
+Beside the oracle, models of how people click, for the user-click benchmark and tests: a noisy click (uniformly
+random inside the largest error region), a far background click, and perturbed initial masks to refine.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from ibisagent.metrics import iou
 from ibisagent.types import DEFAULT_TARGET, Click
 
 
@@ -75,6 +79,71 @@ def next_clicks_multi(
     return out
 
 
+def noisy_click(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    rng: np.random.Generator,
+    clicked: Sequence[Click] = (),
+    target: str = DEFAULT_TARGET,
+) -> Click | None:
+    """A user's next click: uniformly random inside the largest error region instead of at its deepest point.
+
+    pred, gt: HxW bool. The largest error region is the largest 8-connected component of the false negatives or the
+    false positives (positive click for a false-negative one; ties go to positive). Clicked pixels are not chosen
+    again. Returns a Click at a pixel centre ((x, y) pixels), or None when no unclicked error pixel is left.
+    """
+    pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
+    excluded = np.zeros(gt.shape, bool)
+    for c in clicked:
+        excluded[c.pixel(*gt.shape)] = True
+    best, size = None, 0
+    for positive, error in ((True, gt & ~pred), (False, pred & ~gt)):
+        labels, n = ndimage.label(error & ~excluded, np.ones((3, 3), bool))
+        if n:
+            sizes = np.bincount(labels.ravel())[1:]
+            k = int(np.argmax(sizes))
+            if sizes[k] > size:
+                best, size = (positive, labels == k + 1), int(sizes[k])
+    if best is None:
+        return None
+    rows, cols = np.nonzero(best[1])
+    i = int(rng.integers(rows.size))
+    return Click(cols[i] + 0.5, rows[i] + 0.5, best[0], target)
+
+
+def far_background_click(
+    gt: np.ndarray, margin: int = 50, inset: int = 16, target: str = DEFAULT_TARGET
+) -> Click | None:
+    """A background click far from the object: at the image corner (`inset` pixels in) farthest from the centre of
+    the ground truth's bounding box, if it lies more than `margin` pixels from that box and outside the object;
+    else None. gt: HxW bool; the click is negative, (x, y) pixels."""
+    gt = np.asarray(gt, bool)
+    h, w = gt.shape
+    rows, cols = np.flatnonzero(gt.any(axis=1)), np.flatnonzero(gt.any(axis=0))
+    if rows.size == 0:
+        return None
+    r0, r1, c0, c1 = rows[0], rows[-1], cols[0], cols[-1]
+    corners = [(r, c) for r in (inset, h - 1 - inset) for c in (inset, w - 1 - inset)]
+    r, c = max(corners, key=lambda rc: (rc[0] - (r0 + r1) / 2) ** 2 + (rc[1] - (c0 + c1) / 2) ** 2)
+    gap = np.hypot(max(r0 - r, 0, r - r1), max(c0 - c, 0, c - c1))
+    if gap <= margin or gt[r, c]:
+        return None
+    return Click(c + 0.5, r + 0.5, False, target)
+
+
+def perturbed_masks(gt: np.ndarray, grow: float = 10, shift: int = 15) -> dict[str, np.ndarray]:
+    """Initial masks a user might bring: the ground truth (HxW bool) eroded and dilated by `grow` pixels (Euclidean)
+    and shifted by `shift` pixels to the right (x). Returns {"eroded", "dilated", "shifted"}: HxW bool each."""
+    gt = np.asarray(gt, bool)
+    shifted = np.zeros_like(gt)
+    shifted[:, shift:] = gt[:, : gt.shape[1] - shift]
+    return {
+        "eroded": ndimage.distance_transform_edt(gt) > grow,
+        "dilated": ndimage.distance_transform_edt(~gt) <= grow,
+        "shifted": shifted,
+    }
+
+
 @dataclass
 class OracleRun:
     """What `click_with_oracle` did: the final HxW bool mask, the clicks ((x, y) pixels), the IoU after each click
@@ -86,16 +155,30 @@ class OracleRun:
     seconds: list[float]
 
 
-def click_with_oracle(tool, gt: np.ndarray, n_clicks: int, target: str = DEFAULT_TARGET) -> OracleRun:
+def click_with_oracle(
+    tool,
+    gt: np.ndarray,
+    n_clicks: int,
+    target: str = DEFAULT_TARGET,
+    rng: np.random.Generator | None = None,
+    initial: np.ndarray | None = None,
+) -> OracleRun:
     """The interactive-segmentation benchmark protocol on a tool whose image is set: up to `n_clicks` oracle clicks,
-    each followed by a prediction from all clicks so far and the previous logits; stops early when no error is left."""
-    from ibisagent.metrics import iou
+    each followed by a prediction from all clicks so far and the previous logits; stops early when no error is left.
 
+    rng: click like a user instead (`noisy_click` with this generator). initial: an HxW bool initial mask to refine,
+    given to the tool as `tool.mask_to_logits(initial)`.
+    """
     gt = np.asarray(gt, bool)
     pred, logits = np.zeros(gt.shape, bool), None
+    if initial is not None:
+        pred, logits = np.asarray(initial, bool), tool.mask_to_logits(initial)
     run = OracleRun(pred, [], [], [])
     for _ in range(n_clicks):
-        click = next_click(pred, gt, run.clicks, target)
+        if rng is None:
+            click = next_click(pred, gt, run.clicks, target)
+        else:
+            click = noisy_click(pred, gt, rng, run.clicks, target)
         if click is None:
             break
         run.clicks.append(click)

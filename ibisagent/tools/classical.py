@@ -144,18 +144,19 @@ class ClassicalTool(SegmentationTool):
         h, w = mask.shape
         r, c = new.pixel(h, w)
         first = new.positive and not mask.any()
-        if not new.positive and not mask.any():
-            return  # nothing to remove yet
+        if mask[r, c] == new.positive and not first:
+            return  # the click agrees with the mask: nothing to correct here (later solves keep it as a seed)
         if first:
             depth = self._ray_radius(r, c)
             reach = p.first_scale * depth + p.first_offset
         else:
             depth = _distance_to(mask != mask[r, c], r, c)
             reach = p.reach_scale * depth + p.reach_offset
-            if new.positive:  # the depth overestimates the error for a click on a separate part of the object
-                cap = p.cap_scale * self._ray_radius(r, c) + p.first_offset
-                if cap < reach:
-                    reach, depth = cap, min(depth, cap)
+            # The depth overestimates the error when the click lies on a separate part of the object (positive) or
+            # in a wide leak (negative): the reach is capped by the extent of the click's own colour region.
+            cap = p.cap_scale * self._ray_radius(r, c) + p.first_offset
+            if cap < reach:
+                reach, depth = cap, min(depth, cap)
         box, claim = self._claim(new, clicks, reach)
         sub = mask[box[0] : box[1], box[2] : box[3]]
         if not first:
@@ -330,13 +331,18 @@ class ClassicalTool(SegmentationTool):
         if logits is None:
             return None
         key = hashlib.blake2b(np.ascontiguousarray(logits).tobytes(), digest_size=16).digest()
-        if key in self._memory:
-            return self._memory[key].copy()
         h, w = self._image.shape[:2]
+        if key in self._memory and self._memory[key].shape == (h, w):
+            return self._memory[key].copy()
         return _resize(np.asarray(logits, np.float32), w, h) > 0
 
+    def mask_to_logits(self, mask: np.ndarray) -> np.ndarray:
+        """An HxW bool mask (a user's initial mask) as 256x256 logits; the full-resolution mask is remembered, so
+        `predict` refines the mask itself rather than its low-resolution copy."""
+        return self._remember(np.asarray(mask, bool))
+
     def _remember(self, mask: np.ndarray) -> np.ndarray:
-        logits = self.mask_to_logits(mask)
+        logits = super().mask_to_logits(mask)
         self._memory[hashlib.blake2b(logits.tobytes(), digest_size=16).digest()] = mask.copy()
         while len(self._memory) > _MEMORY:
             self._memory.popitem(last=False)

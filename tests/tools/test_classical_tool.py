@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from ibisagent.datasets import list_biomedparse
 from ibisagent.io import read_image, read_mask
@@ -191,3 +192,42 @@ def test_non_square_crop(demo_image):
     assert out.mask.shape == crop.shape[:2] and out.mask[400, 300]
     out = tool.predict(clicks, out.logits)
     assert out.mask.shape == crop.shape[:2] and out.mask[400, 300] and not out.mask[100, 700]
+
+
+# -- answers local to what a click says (issue 20) ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def liver() -> tuple[ClassicalTool, np.ndarray]:
+    """The 04_CT_liver image set on a tool, and its tumour mask (2,568 px)."""
+    if not DEMO.is_dir():
+        pytest.skip(f"demo data not found at {DEMO}")
+    samples = {s.name: s for s in list_biomedparse(DEMO)}
+    sample = samples["04_CT_liver_tumor"]
+    image = read_image(sample.image)
+    tool = ClassicalTool()
+    tool.set_image(image)
+    return tool, read_mask(sample.mask, image.shape[:2])
+
+
+def test_far_background_click_leaves_the_mask_alone(liver):
+    """A foreground click, then a background click in the air at (100, 100): the mask used to grow 18-fold."""
+    tool, gt = liver
+    first = next_click(np.zeros(gt.shape, bool), gt)
+    one = tool.predict([first])
+    two = tool.predict([first, Click(100.5, 100.5, False)], one.logits)
+    assert two.mask.sum() <= one.mask.sum() and iou(two.mask, one.mask) >= 0.98, (one.mask.sum(), two.mask.sum())
+    assert iou(two.mask, gt) >= iou(one.mask, gt) - 0.02
+
+
+def test_initial_mask_survives_a_far_background_click(liver):
+    tool, gt = liver
+    out = tool.predict([Click(900.5, 900.5, False)], tool.mask_to_logits(gt))
+    assert out.mask.any(), "the initial mask was emptied"
+    assert iou(out.mask, gt) >= 0.98
+
+
+def test_foreground_click_inside_the_initial_mask_does_not_shrink_it(liver):
+    tool, gt = liver
+    rows, cols = np.nonzero(ndimage.distance_transform_edt(gt) == ndimage.distance_transform_edt(gt).max())
+    inside = Click(cols[0] + 0.5, rows[0] + 0.5, True)
+    out = tool.predict([inside], tool.mask_to_logits(gt))
+    assert out.mask.sum() >= gt.sum() and iou(out.mask, gt) >= 0.98, (gt.sum(), out.mask.sum())
