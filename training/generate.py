@@ -20,11 +20,14 @@ dataset with any scheduler, and `merge_stats` reads all shards.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import os
 import random
+import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +41,7 @@ from ibisagent.loop import run_episode
 from ibisagent.metrics import dice, iou
 from ibisagent.policies.base import Observation
 from ibisagent.policies.oracle import OraclePolicy
-from ibisagent.specs import ToolSpec
+from ibisagent.specs import SpecError, ToolSpec
 from ibisagent.types import Action, Click
 
 from .data import BiomedParseDataset
@@ -62,6 +65,18 @@ class GenerateConfig(ToolSpec):
         default=0.0, metadata={"help": "fraction of samples that also get a wrong-initial-mask variant"}
     )
     seed: int = field(default=0, metadata={"help": "seed of the variant choices (per sample, so shards agree)"})
+    workers: int = field(
+        default=1,
+        metadata={
+            "help": "worker processes per shard, each with its own tool (the output is the same for any number; "
+            "use up to the cores of the machine)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.workers < 1:
+            raise SpecError("workers", self.workers, "at least 1 worker process")
 
 
 @dataclass(frozen=True)
@@ -241,7 +256,7 @@ def _variants_for(sample_id: str, config: GenerateConfig) -> list[str]:
 
 
 # Settings that change no record: a run may resume with other values of these.
-_RESUMABLE = ("device",)
+_RESUMABLE = ("device", "workers")
 
 
 def _check_same_settings(path: Path, config: GenerateConfig) -> None:
@@ -274,7 +289,11 @@ def generate(
     progress: bool = True,
 ) -> dict:
     """Generate (or continue generating) this shard's trajectories into `out_dir`. Returns a small summary dict
-    (written, skipped_existing, problems, seconds split into io/tool/simulator)."""
+    (written, skipped_existing, problems, seconds split into io/tool/simulator).
+
+    With `config.workers` > 1 the shard's images are simulated by that many worker processes (each builds its own
+    tool and encodes each of its images once); the records are written in the order one process writes them, so
+    the output is the same whatever the number of workers (up to the measured seconds)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_same_settings(out_dir / "config.json", config)
@@ -296,10 +315,12 @@ def generate(
         for i in indices
         if any((dataset.entries[i]["id"], v) not in done for v in _variants_for(dataset.entries[i]["id"], config))
     ]
+    jobs: dict[str, list[int]] = defaultdict(list)  # the images to simulate, in order, with their masks to do
+    for i in todo:
+        jobs[dataset.entries[i]["image"]].append(i)
 
-    tool = config.build(config.device)  # the config is a ToolSpec
     writer, problems = Appender(data_path), Appender(problems_path)
-    timer, written, encoded = _Timer(), 0, None
+    timer, written = _Timer(), 0
     try:
         bar = tqdm(
             total=len(indices),
@@ -308,50 +329,16 @@ def generate(
             unit="mask",
             disable=not progress,
         )
-        t_io = time.perf_counter()
-        for i, item in dataset.iter_valid(todo):
-            timer.io += time.perf_counter() - t_io
-            image, gt, target = item["image"], item["label"], item["target"]
-            for variant in _variants_for(item["id"], config):
-                if (item["id"], variant) in done:
-                    continue
-                rng = random.Random(f"{config.seed}:{item['id']}:{variant}")
-                initial = None
-                if variant == "user_inconsistency":
-                    t0 = time.perf_counter()
-                    others = [
-                        _read_other_mask(dataset.entries[j]["label"], gt.shape)
-                        for j in by_image[item["image_path"]]
-                        if j != i
-                    ]
-                    timer.io += time.perf_counter() - t0
-                    initial = _other_structure(gt, others)
-                    if initial is None:
-                        continue  # no other structure in this image to confuse it with
-                encode_s = 0.0
-                if encoded != item["image_path"]:
-                    t0 = time.perf_counter()
-                    tool.set_image(image)
-                    encode_s, encoded = time.perf_counter() - t0, item["image_path"]
-                traj, tool_s, sim_s = simulate(
-                    tool, image, gt, target, config, variant, rng, initial, image_is_set=True
-                )
-                timer.tool += tool_s + encode_s
-                timer.simulator += sim_s
-                traj.meta.update(image=item["image_path"], mask=item["label_path"], variant=variant)
-                record = TrajectoryRecord(
-                    **{k: item[k] for k in ("id", "target", "modality", "site", "group", "sentences")},
-                    image=item["image_path"],
-                    mask=item["label_path"],
-                    variant=variant,
-                    **_summary(traj, gt, target, config, variant),
-                    seconds={"encode": encode_s, "tool": tool_s, "simulator": sim_s},
-                    trajectory=traj.to_dict(),
-                )
-                writer.write(record.to_json())
-                written += 1
-            bar.update(1)
-            t_io = time.perf_counter()
+        for result in _run_jobs(list(jobs.values()), (root, split, dataset.entries, config, done), config.workers):
+            for record in result.records:
+                writer.write(record)
+            written += len(result.records)
+            for file, reason in result.problems:
+                dataset.report.add(file, reason)
+            dataset.report.loaded += result.loaded
+            for k, v in asdict(result.timer).items():
+                setattr(timer, k, getattr(timer, k) + v)
+            bar.update(result.masks)
         bar.close()
         for p in dataset.report.problems:
             if p.file not in known_problems:
@@ -367,6 +354,112 @@ def generate(
         "seconds": asdict(timer),
         "file": str(data_path),
     }
+
+
+@dataclass
+class _ImageResult:
+    """What simulating one image's masks gave: the records (JSON objects, in order), the samples that could not
+    be loaded ((file, reason)), how many loaded, the masks handled and the time split."""
+
+    records: list[dict]
+    problems: list[tuple[str, str]]
+    loaded: int
+    masks: int
+    timer: _Timer
+
+
+class _ImageSimulator:
+    """Simulates the masks of one image at a time with one tool (built once): the work of one process."""
+
+    def __init__(self, root, split, entries: list[dict], config: GenerateConfig, done: set) -> None:
+        self.dataset = BiomedParseDataset(root, split, entries=entries)
+        self.config, self.done = config, done
+        self.by_image: dict[str, list[int]] = defaultdict(list)
+        for i, e in enumerate(entries):
+            self.by_image[e["image"]].append(i)
+        self.tool = config.build(config.device)  # the config is a ToolSpec
+
+    def __call__(self, todo: list[int]) -> _ImageResult:
+        config, dataset, timer = self.config, self.dataset, _Timer()
+        records, encoded = [], False
+        before = len(dataset.report.problems)
+        t_io = time.perf_counter()
+        for i, item in dataset.iter_valid(todo):
+            timer.io += time.perf_counter() - t_io
+            image, gt, target = item["image"], item["label"], item["target"]
+            for variant in _variants_for(item["id"], config):
+                if (item["id"], variant) in self.done:
+                    continue
+                rng = random.Random(f"{config.seed}:{item['id']}:{variant}")
+                initial = None
+                if variant == "user_inconsistency":
+                    t0 = time.perf_counter()
+                    others = [
+                        _read_other_mask(dataset.entries[j]["label"], gt.shape)
+                        for j in self.by_image[item["image_path"]]
+                        if j != i
+                    ]
+                    timer.io += time.perf_counter() - t0
+                    initial = _other_structure(gt, others)
+                    if initial is None:
+                        continue  # no other structure in this image to confuse it with
+                encode_s = 0.0
+                if not encoded:
+                    t0 = time.perf_counter()
+                    self.tool.set_image(image)
+                    encode_s, encoded = time.perf_counter() - t0, True
+                traj, tool_s, sim_s = simulate(
+                    self.tool, image, gt, target, config, variant, rng, initial, image_is_set=True
+                )
+                timer.tool += tool_s + encode_s
+                timer.simulator += sim_s
+                traj.meta.update(image=item["image_path"], mask=item["label_path"], variant=variant)
+                record = TrajectoryRecord(
+                    **{k: item[k] for k in ("id", "target", "modality", "site", "group", "sentences")},
+                    image=item["image_path"],
+                    mask=item["label_path"],
+                    variant=variant,
+                    **_summary(traj, gt, target, config, variant),
+                    seconds={"encode": encode_s, "tool": tool_s, "simulator": sim_s},
+                    trajectory=traj.to_dict(),
+                )
+                # asdict (TrajectoryRecord.to_json) deep-copies the trajectory's millions of run lengths; the
+                # record's fields as they are give the same JSON.
+                records.append({f.name: getattr(record, f.name) for f in fields(record)})
+            t_io = time.perf_counter()
+        found = [(p.file, p.reason) for p in dataset.report.problems[before:]]
+        return _ImageResult(records, found, len(todo) - len(found), len(todo), timer)
+
+
+_worker: _ImageSimulator | None = None  # the simulator of a worker process
+
+
+def _start_worker(args: tuple, threads: int | None) -> None:
+    global _worker
+    _worker = _ImageSimulator(*args)
+    torch = sys.modules.get("torch")  # a model tool: share the cores between the workers instead of oversubscribing
+    if torch is not None and threads is not None:
+        torch.set_num_threads(threads)
+
+
+def _work(todo: list[int]) -> _ImageResult:
+    return _worker(todo)
+
+
+def _run_jobs(jobs: list[list[int]], args: tuple, workers: int) -> Iterator[_ImageResult]:
+    """The results of `jobs` (one list of entry indices per image), in order: in this process, or in `workers`
+    spawned processes (spawned, not forked: a forked copy of a process whose torch threads ran can hang)."""
+    if not jobs:
+        return
+    if workers <= 1 or len(jobs) == 1:
+        simulate_image = _ImageSimulator(*args)
+        yield from map(simulate_image, jobs)
+        return
+    workers = min(workers, len(jobs))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = min(threads, int(os.environ.get("OMP_NUM_THREADS", threads)) or threads)
+    with mp.get_context("spawn").Pool(workers, _start_worker, (args, threads)) as pool:
+        yield from pool.imap(_work, jobs)
 
 
 # -- statistics (paper Tab. 6 / Tab. 11) -------------------------------------------------------------------------------

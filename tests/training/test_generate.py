@@ -3,6 +3,7 @@ variants, sharding, resuming after a kill, statistics."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -178,3 +179,26 @@ def test_a_run_folder_resumes_only_with_its_own_settings(small_demo, tmp_path, c
     assert (out / "trajectories-00000-of-00001.jsonl").read_bytes() == before
     assert json.loads((out / "config.json").read_text())["max_steps"] == 4
     generate(small_demo, out, GenerateConfig(max_steps=4, stop_iou=0.6, device="cpu"), limit=1, progress=False)
+
+
+def _without_timings(records: list[dict]) -> list[dict]:
+    out = []
+    for r in records:
+        steps = [{k: v for k, v in s.items() if k != "timings"} for s in r["trajectory"]["steps"]]
+        out.append({**r, "seconds": None, "trajectory": {**r["trajectory"], "steps": steps}})
+    return out
+
+
+def test_workers_write_what_one_process_writes(small_demo, tmp_path):
+    """Worker processes split a shard's images; the records (all but the measured seconds) and their order are those
+    of one process, and a run folder resumes with another number of workers."""
+    cfg = GenerateConfig(max_steps=4, stop_iou=0.8, max_length=4, min_dice=0.0, self_correction=1.0)
+    one = generate(small_demo, tmp_path / "one", cfg, progress=False)
+    two = generate(small_demo, tmp_path / "two", dataclasses.replace(cfg, workers=2), progress=False)
+    assert one["written"] == two["written"] > 0 and one["problems"] == two["problems"]
+    assert _without_timings(_records(tmp_path / "two")) == _without_timings(_records(tmp_path / "one"))
+    again = generate(small_demo, tmp_path / "one", dataclasses.replace(cfg, workers=2), progress=False)
+    masks = sum(r["variant"] == "gold" for r in _records(tmp_path / "one"))
+    assert again["written"] == 0 and again["already_done"] == masks
+    with pytest.raises(ValueError, match="workers 0 is invalid"):
+        GenerateConfig(workers=0)
