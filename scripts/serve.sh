@@ -28,10 +28,17 @@ for png in sorted(demo.glob("*.png")):
         link.symlink_to(png.resolve())
 volume = studies / "ct_lesion_000001.nii.gz"
 npz = sorted((shared / "medsam2-recist-npz").glob("*.npz"))
-if npz and not volume.exists():
+if npz:
+    # The .npz holds SimpleITK's view: imgs (z, y, x), spacing/origin (x, y, z) and a row-major direction, all in
+    # ITK's LPS space. NIfTI stores voxel (i, j, k) = (x, y, z) with a voxel -> RAS affine.
     data = np.load(npz[0])
-    affine = np.diag([*[float(s) for s in data["spacing"]], 1.0]) if "spacing" in data else np.eye(4)
-    nib.save(nib.Nifti1Image(np.ascontiguousarray(np.transpose(data["imgs"], (2, 1, 0))), affine), volume)
+    lps = np.eye(4)
+    direction = np.asarray(data["direction"], float).reshape(3, 3) if "direction" in data else np.eye(3)
+    lps[:3, :3] = direction @ np.diag(np.asarray(data["spacing"], float))
+    lps[:3, 3] = np.asarray(data["origin"], float) if "origin" in data else 0.0
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    if not volume.exists() or not np.allclose(nib.load(str(volume)).affine, affine, atol=1e-4):
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(np.transpose(data["imgs"], (2, 1, 0))), affine), volume)
 print(f"sample studies: {studies} ({len(list(studies.glob('*.png')))} PNG images, {volume.name})")
 PY
 # MONAI Label creates model/, logs/ and bin/ inside --app and logs there: run the app from a folder outside the
