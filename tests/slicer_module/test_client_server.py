@@ -278,3 +278,19 @@ def test_png_image_answers_a_2d_label(server):
 
     with Image.open(io.BytesIO(label)) as im:
         np.testing.assert_array_equal(np.asarray(im) > 0, view.final_mask)
+
+
+def test_the_token_is_sent_to_a_server_that_needs_one(tmp_path):
+    """A server started with IBISAGENT_API_TOKEN answers 401 without it; the client sends it (argument or the
+    environment variable)."""
+    from tests.monailabel_app.attack import TOKEN, build, start
+
+    build(tmp_path)
+    server = start(tmp_path, "token")
+    try:
+        with pytest.raises(IBISAgentClientError) as info:
+            IBISAgentClient(server.url, token="").info()
+        assert info.value.status == 401 and "Bearer" in info.value.server_message
+        assert "ibisagent" in IBISAgentClient(server.url, token=TOKEN).info()["models"]
+    finally:
+        server.stop()

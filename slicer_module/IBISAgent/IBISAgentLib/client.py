@@ -242,7 +242,9 @@ class IBISAgentClient:
 
     server_url: e.g. "http://127.0.0.1:8000"; timeout: the total seconds a quick request (info, datastore) may take;
     infer_timeout: the total seconds for an inference, which runs the whole agent loop; model: the task name on the
-    server; max_response_bytes: the largest answer body read (see the module docstring).
+    server; max_response_bytes: the largest answer body read (see the module docstring); token: the server's
+    IBISAGENT_API_TOKEN, sent as "Authorization: Bearer <token>" (needed when the server listens beyond loopback;
+    default: this machine's IBISAGENT_API_TOKEN environment variable, if set).
     """
 
     def __init__(
@@ -252,6 +254,7 @@ class IBISAgentClient:
         infer_timeout: float = 900.0,
         model: str = DEFAULT_MODEL,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
+        token: str | None = None,
     ):
         url = (server_url or "").strip().rstrip("/")
         parsed = urllib.parse.urlparse(url)
@@ -264,6 +267,7 @@ class IBISAgentClient:
         self.infer_timeout = infer_timeout
         self.model = model
         self.max_response_bytes = max_response_bytes
+        self.token = token if token is not None else os.environ.get("IBISAGENT_API_TOKEN") or None
 
     # -- plumbing ---------------------------------------------------------------------------------------------------
     def _url(self, path: str, query: dict | None = None) -> str:
@@ -319,6 +323,8 @@ class IBISAgentClient:
         parts = urllib.parse.urlsplit(url)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         headers = {"Accept": "application/json, multipart/form-data, */*"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
         if content_type:
             headers["Content-Type"] = content_type
         kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
