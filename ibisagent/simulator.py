@@ -17,14 +17,19 @@ from scipy import ndimage
 from ibisagent.metrics import iou
 from ibisagent.types import DEFAULT_TARGET, Click
 
+_BLOCK = 4  # block side of the coarse pass of `_deepest`
+_COARSE_FROM = 128 * 128  # crops with at least this many pixels take the coarse pass
+_MAX_BLOCKS = 4096  # more candidate blocks than this: the full distance transform is cheaper
+
 
 def _deepest(region: np.ndarray, excluded: np.ndarray) -> tuple[float, int, int]:
     """(depth, row, col) of the region pixel farthest (Euclidean) from any non-region pixel, the image border counting
     as outside (so a region touching the border is not favoured) and already-clicked pixels counting as outside.
     Depth 0 when the region is empty. Ties go to the first pixel in row-major order.
 
-    The distance transform runs on the region's bounding box plus a one-pixel margin, which is exact: every pixel
-    outside the box is outside the region, and the margin lies between it and any such pixel.
+    Exact, and cheap on large regions: the work is confined to the region's bounding box plus a one-pixel margin
+    (every pixel outside the box is outside the region, and the margin lies between it and any such pixel), and on
+    a large box `_deepest_in_blocks` bounds the depth per block and measures only the few pixels that can win.
     """
     region = region & ~excluded
     rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
@@ -32,9 +37,60 @@ def _deepest(region: np.ndarray, excluded: np.ndarray) -> tuple[float, int, int]
         return 0.0, 0, 0
     r0, c0 = rows[0], cols[0]
     crop = np.pad(region[r0 : rows[-1] + 1, c0 : cols[-1] + 1], 1, constant_values=False)
-    depth = ndimage.distance_transform_edt(crop)[1:-1, 1:-1]
-    r, c = np.unravel_index(int(np.argmax(depth)), depth.shape)
-    return float(depth[r, c]), int(r0 + r), int(c0 + c)
+    found = _deepest_in_blocks(crop) if crop.size >= _COARSE_FROM else None
+    if found is None:
+        depth = ndimage.distance_transform_edt(crop)
+        r, c = np.unravel_index(int(np.argmax(depth)), depth.shape)
+        found = float(depth[r, c]), int(r), int(c)
+    depth, r, c = found
+    return depth, int(r0 + r - 1), int(c0 + c - 1)
+
+
+def _deepest_in_blocks(crop: np.ndarray) -> tuple[float, int, int] | None:
+    """`_deepest` on a crop (HxW bool, False on its border) through blocks of `_BLOCK` pixels; None where the
+    bounds do not narrow the search enough (thin regions, many blocks of nearly equal depth).
+
+    A pixel of a block lying wholly inside the region is at least s*d - (s-1)*sqrt(2) and at most s*d + (s-1)*sqrt(2)
+    from the outside, where d is the block's distance to a block holding an outside pixel and s the block side.
+    Blocks are measured exactly in order of their upper bound until it falls below the deepest pixel found: each
+    pixel's distance to the outside pixels next to the region within its bound (a nearest outside pixel always has
+    a region pixel as 4-neighbour), as squared integers, so ties stay exact.
+    """
+    s = _BLOCK
+    h, w = crop.shape
+    hb, wb = -(-h // s), -(-w // s)
+    padded = np.zeros((hb * s, wb * s), bool)
+    padded[:h, :w] = crop  # beyond the crop lies only outside
+    blocks = ndimage.distance_transform_edt(padded.reshape(hb, s, wb, s).all(axis=(1, 3)))
+    slack = (s - 1) * np.sqrt(2)
+    top = float(blocks.max())
+    if s * top - slack <= slack:  # a thin region: pixels of mixed blocks could be deepest
+        return None
+    bound = blocks * s + slack
+    br, bc = np.nonzero(bound >= s * top - slack)
+    if br.size > _MAX_BLOCKS:
+        return None
+    order = np.argsort(-bound[br, bc], kind="stable")
+    edge = np.zeros_like(crop)  # outside pixels with a region 4-neighbour, by row
+    edge[1:] |= crop[:-1]
+    edge[:-1] |= crop[1:]
+    edge[:, 1:] |= crop[:, :-1]
+    edge[:, :-1] |= crop[:, 1:]
+    qr, qc = np.nonzero(edge & ~crop)
+    best = (-1, 0, 0)  # (squared depth, -row, -col): the largest wins, ties to the first pixel in row-major order
+    for k in order:
+        a, b = int(br[k]) * s, int(bc[k]) * s
+        reach = float(bound[br[k], bc[k]])
+        if reach * reach < best[0]:
+            break
+        lo, hi = np.searchsorted(qr, a - reach, "left"), np.searchsorted(qr, a + s - 1 + reach, "right")
+        near = np.abs(qc[lo:hi] - np.clip(qc[lo:hi], b, b + s - 1)) <= reach
+        er, ec = qr[lo:hi][near], qc[lo:hi][near]
+        pr, pc = np.nonzero(crop[a : a + s, b : b + s])
+        d2 = ((pr[:, None] + a - er) ** 2 + (pc[:, None] + b - ec) ** 2).min(axis=1)
+        for i in range(pr.size):
+            best = max(best, (int(d2[i]), -(a + int(pr[i])), -(b + int(pc[i]))))
+    return float(np.sqrt(best[0])), -best[1], -best[2]
 
 
 def next_click(
