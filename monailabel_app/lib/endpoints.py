@@ -120,18 +120,16 @@ def install(app, max_body_bytes: int, token: str | None) -> None:
     if getattr(app.state, "ibisagent_installed", False):
         return
     from monailabel.endpoints import infer as monailabel_infer
+    from monailabel.endpoints import session as monailabel_session
 
-    # MONAI Label's /infer router goes (FastAPI keeps an included router whole, or its routes when flattened).
+    # MONAI Label's /infer and /session routers go: the app serves its own (FastAPI keeps an included router whole,
+    # or its routes when flattened).
+    replaced = (monailabel_infer, monailabel_session)
     app.router.routes = [
         route
         for route in app.router.routes
-        if getattr(route, "original_router", None) is not monailabel_infer.router
-        and getattr(getattr(route, "endpoint", None), "__module__", "") != monailabel_infer.__name__
-    ]
-    from monailabel.endpoints import session as monailabel_session
-
-    app.router.routes = [
-        r for r in app.router.routes if getattr(r, "original_router", None) is not monailabel_session.router
+        if not any(getattr(route, "original_router", None) is module.router for module in replaced)
+        and getattr(getattr(route, "endpoint", None), "__module__", "") not in {m.__name__ for m in replaced}
     ]
     app.add_api_route("/infer/{model}", infer, methods=["POST"], summary="Run the ibisagent task")
     app.add_api_route("/session/", put_session, methods=["PUT"], summary="Upload an image for one user's requests")
