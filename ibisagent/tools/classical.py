@@ -115,13 +115,15 @@ class ClassicalTool(SegmentationTool):
         grey = np.ptp(image.astype(np.int16), axis=2).max() <= 8
         f = (rgb.mean(2, keepdims=True) * 100).astype(np.float32) if grey else rgb2lab(rgb).astype(np.float32)
         f = np.pad(f, ((0, ph - h), (0, pw - w), (0, 0)), mode="edge")
-        smooth = _gauss(f, p.seed_sigma)
+        light = _gauss(f, p.rw_sigma)
+        # Gaussian blurs add up in variance: the seed copy is the light copy blurred further, with shorter kernels.
+        smooth = _gauss(light, float(np.sqrt(max(p.seed_sigma**2 - p.rw_sigma**2, 0.0))))
         self._noise = float(np.median(np.sqrt(((f - smooth) ** 2).sum(-1)))) + 0.5
-        self._feats, self._smooth, self._rwfeat = [f], [smooth], [_gauss(f, p.rw_sigma)]
+        self._feats, self._smooth, self._rwfeat = [f], [smooth], [light]
         for _ in range(1, _LEVELS):
             for pyramid in (self._feats, self._smooth, self._rwfeat):
                 pyramid.append(_down2(pyramid[-1]))
-        self._grads = [_gradient(level) for level in self._feats]
+        self._grads = [_gradient(level) for level in self._rwfeat]
         self._memory.clear()
 
     # -- per click ---------------------------------------------------------------------------------------
@@ -361,12 +363,14 @@ def _down2(a: np.ndarray) -> np.ndarray:
 
 
 def _gradient(f: np.ndarray) -> np.ndarray:
-    """HxW gradient magnitude of HxWxC features (Sobel after a small Gaussian, summed over channels)."""
-    g2 = np.zeros(f.shape[:2], np.float32)
-    for ch in range(f.shape[2]):
-        s = ndimage.gaussian_filter(f[..., ch], 0.7)
-        g2 += ndimage.sobel(s, 0) ** 2 + ndimage.sobel(s, 1) ** 2
-    return np.sqrt(g2) / 8
+    """HxW gradient magnitude of (smoothed) HxWxC features: Sobel per channel (edges replicated), the squares summed
+    over channels. Written with array slices, several times faster than ndimage.sobel."""
+    p = np.pad(f, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    rows = p[:-2] + 2 * p[1:-1] + p[2:]  # [1, 2, 1] down the rows
+    cols = p[:, :-2] + 2 * p[:, 1:-1] + p[:, 2:]  # [1, 2, 1] along the columns
+    gx = rows[:, 2:] - rows[:, :-2]
+    gy = cols[2:] - cols[:-2]
+    return np.sqrt((gx * gx + gy * gy).sum(-1)) / 8
 
 
 def _resize(a: np.ndarray, w: int, h: int) -> np.ndarray:
