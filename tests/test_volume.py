@@ -1,0 +1,303 @@
+"""The volume session on the 6 RECIST CT volumes: a propagator that returns the ground truth with injected errors
+(dropped, shifted, leaking slices) and an oracle clicker. The audit must flag the corrupted slices, repair must
+raise 3D Dice, propagation must cover both directions and stop where the object ends; undo per slice; the record
+round-trips and 2D readers refuse it."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import sys
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from ibisagent.metrics import dice
+from ibisagent.policies import OraclePolicy
+from ibisagent.session import EditError
+from ibisagent.tools.base import SegmentationTool, ToolOutput
+from ibisagent.trajectory import Trajectory, TrajectoryFormatError
+from ibisagent.types import Click
+from ibisagent.volume import SliceOutput, ToolPropagator, VolumeRecord, VolumeSession, run_volume
+from tests.conftest import RECIST
+
+VOLUMES = sorted(RECIST.glob("*.npz")) if RECIST.is_dir() else []
+needs_recist = pytest.mark.skipif(not VOLUMES, reason=f"RECIST volumes not found at {RECIST}")
+
+
+def load_cropped(path, margin: int = 12):
+    """(image (I, J, K) uint8, label (I, J, K) bool): the npz's D x H x W arrays as voxel (x, y, z) order, cropped
+    in-plane around the lesion so that tests stay fast."""
+    with np.load(path) as data:
+        imgs, gts = data["imgs"], data["gts"] > 0
+    _, rows, cols = np.nonzero(gts)
+    r0, r1 = max(rows.min() - margin, 0), rows.max() + margin + 1
+    c0, c1 = max(cols.min() - margin, 0), cols.max() + margin + 1
+    return imgs[:, r0:r1, c0:c1].transpose(2, 1, 0), gts[:, r0:r1, c0:c1].transpose(2, 1, 0)
+
+
+def slice_masks(label: np.ndarray) -> list[np.ndarray]:
+    """HxW slice masks along axis 2 (geometry.take_slice)."""
+    return [label[:, :, k].T for k in range(label.shape[2])]
+
+
+class GroundTruthTool(SegmentationTool):
+    """A 2D tool that knows each slice's ground truth (found by the image's bytes): a positive click on the object
+    adds all of it, a negative click removes everything outside it."""
+
+    name = "ground-truth"
+
+    def __init__(self, images: list[np.ndarray], gts: list[np.ndarray]):
+        super().__init__()
+        self._by_image = {_key(img): gt for img, gt in zip(images, gts)}
+        self._memory: dict[bytes, np.ndarray] = {}
+
+    def _encode(self, image):
+        self._gt = self._by_image[_key(image)]
+
+    def _predict(self, clicks, prev_logits):
+        mask = (
+            self._memory.get(_key(prev_logits), np.zeros(self._gt.shape, bool)).copy()
+            if prev_logits is not None
+            else np.zeros(self._gt.shape, bool)
+        )
+        for c in clicks:
+            mask = mask | self._gt if c.positive else mask & self._gt
+        return ToolOutput(mask, self.mask_to_logits(mask), 1.0)
+
+    def mask_to_logits(self, mask):
+        logits = super().mask_to_logits(mask) + np.float32(mask.sum() % 7) * 1e-3
+        self._memory[_key(logits)] = np.asarray(mask, bool).copy()
+        return logits
+
+
+def _key(a: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=16).digest()
+
+
+class CorruptedTruthPropagator:
+    """Propagation that returns each slice's ground truth, except on the slices of `errors` ({index: "drop" |
+    "shift" | "leak"}), whatever the anchors say: a tool with slice-specific failures."""
+
+    name = "corrupted-truth"
+
+    def __init__(self, gts: list[np.ndarray], errors: dict[int, str]):
+        self.gts, self.errors = gts, errors
+        self.anchors: dict[int, np.ndarray] = {}
+        self.calls: list[tuple[int, int, int]] = []
+        self.closed = False
+
+    def set_volume(self, slices):
+        assert len(slices) == len(self.gts)
+
+    def add_anchor(self, index, mask):
+        self.anchors[index] = mask
+
+    def remove_anchor(self, index):
+        self.anchors.pop(index, None)
+
+    def propagate(self, start, direction, stop):
+        assert start in self.anchors
+        self.calls.append((start, direction, stop))
+        for i in range(start + direction, stop + direction, direction):
+            yield SliceOutput(i, corrupt(self.gts[i], self.errors.get(i)), 1.0)
+
+    def close(self):
+        self.closed = True
+
+
+def corrupt(gt: np.ndarray, kind: str | None) -> np.ndarray:
+    if kind is None or not gt.any():
+        return gt.copy()
+    if kind == "drop":
+        return np.zeros_like(gt)
+    radius = max(int(np.sqrt(gt.sum() / np.pi)), 2)
+    if kind == "leak":
+        return ndimage.binary_dilation(gt, iterations=radius)
+    cols = np.nonzero(gt.any(0))[0]
+    return np.roll(gt, cols.max() - cols.min() + 2, axis=1)  # shifted by more than its width
+
+
+def error_plan(label: np.ndarray, key: int) -> dict[int, str]:
+    """Drop, shift and leak on labelled slices strictly inside the object, not next to each other."""
+    z = np.nonzero(label.any((0, 1)))[0]
+    inside = sorted((i for i in range(z.min() + 1, z.max()) if i != key), key=lambda i: (abs(i - key), i))
+    picked: list[int] = []
+    for i in inside:
+        if all(abs(i - j) >= 2 for j in picked):
+            picked.append(i)
+    return dict(zip(picked, ("drop", "shift", "leak")))
+
+
+def build(path, errors: bool = True, **kwargs):
+    image, label = load_cropped(path)
+    gts = slice_masks(label)
+    key = int(np.argmax(label.sum((0, 1))))
+    plan = error_plan(label, key) if errors else {}
+    images = [np.repeat(image[:, :, k].T[..., None], 3, 2) for k in range(image.shape[2])]
+    propagator = CorruptedTruthPropagator(gts, plan)
+    session = VolumeSession(GroundTruthTool(images, gts), propagator, image, "Segment the lesion.", "lesion", **kwargs)
+    return session, label, gts, key, plan
+
+
+def oracle(gts):
+    return lambda i: OraclePolicy({"lesion": gts[i]}, iou_threshold=0.95)
+
+
+def dice3d(session, label):
+    return dice(session.label_volume(), label)
+
+
+@needs_recist
+@pytest.mark.parametrize("path", VOLUMES, ids=[p.stem[:19] for p in VOLUMES])
+def test_audit_flags_corrupted_slices_and_repair_raises_dice(path):
+    session, label, gts, key, plan = build(path)
+    assert plan, "every RECIST lesion spans enough slices for at least one injected error"
+    session.segment_key(key, policy=oracle(gts)(key))
+    session.propagate()
+    flagged = session.audit()
+    assert set(plan) <= set(flagged), f"corrupted {plan}, flagged {flagged}"
+    before = dice3d(session, label)
+    for _ in range(10):
+        flagged = session.audit()
+        if not flagged:
+            break
+        session.repair(flagged[0], policy=oracle(gts)(flagged[0]))
+    after = dice3d(session, label)
+    assert after > before and after >= 0.95, (before, after)
+    repaired = {i for i, r in session.records.items() if r.status == "repaired"}
+    assert set(plan) <= repaired
+    for i in repaired:  # the 2D trajectory of every repair is kept, its mask the slice's mask
+        assert np.array_equal(session.records[i].trajectory.final_mask, session.records[i].mask)
+        assert session.records[i].source == "agent"
+    session.close()
+    assert session.propagator.closed
+
+
+@needs_recist
+def test_run_volume_pipeline_with_budget():
+    session, label, gts, key, plan = build(VOLUMES[0], repair_budget=1)
+    record = run_volume(session, key, oracle(gts)(key), oracle(gts))
+    assert record.repairs_used == 1 and record.key_slice == key
+    assert sum(s.status == "repaired" for s in record.slices) == 1
+    with pytest.raises(EditError, match="repair budget of 1"):
+        remaining = session.audit()
+        session.repair(remaining[0], clicks=[Click(*_inside(gts[remaining[0]]), True, "lesion")])
+    assert record.num_clicks >= 1
+
+
+def _inside(mask):
+    rows, cols = np.nonzero(mask)
+    return cols[len(cols) // 2] + 0.5, rows[len(rows) // 2] + 0.5
+
+
+@needs_recist
+@pytest.mark.parametrize("path", VOLUMES, ids=[p.stem[:19] for p in VOLUMES])
+def test_propagation_covers_both_directions_and_stops_where_the_object_ends(path):
+    session, label, gts, key, _ = build(path, errors=False, stop_after=2)
+    session.segment_key(key, policy=oracle(gts)(key))
+    session.propagate()
+    z = np.nonzero(label.any((0, 1)))[0]
+    present = sorted(i for i, r in session.records.items() if r.mask.any())
+    assert present == list(range(z.min(), z.max() + 1))
+    absent = sorted(i for i, r in session.records.items() if r.status == "absent")
+    expected = [i for i in (z.min() - 2, z.min() - 1, z.max() + 1, z.max() + 2) if 0 <= i < len(gts)]
+    assert absent == expected  # two slices without the object on each side, then it stopped
+    assert dice3d(session, label) == 1.0
+    assert {c[1] for c in session.propagator.calls} == (
+        {1, -1} - ({1} if key == len(gts) - 1 else set()) - ({-1} if key == 0 else set())
+    )
+
+
+@needs_recist
+def test_range_limits_propagation_and_extends_later():
+    session, label, gts, key, _ = build(VOLUMES[3], errors=False)  # the lesion spans all 13 slices
+    session.segment_key(key, policy=oracle(gts)(key))
+    session.propagate(key - 1, key + 2)
+    assert sorted(session.records) == list(range(key - 1, key + 3))
+    session.propagate(0, len(gts) - 1)
+    assert sorted(session.records) == list(range(len(gts)))
+    with pytest.raises(EditError, match="must hold the key slice"):
+        session.propagate(key + 1, key + 2)
+    with pytest.raises(IndexError, match="out of range"):
+        session.propagate(0, len(gts))
+
+
+@needs_recist
+def test_undo_per_slice_restores_the_repair_and_its_repropagation():
+    session, label, gts, key, plan = build(VOLUMES[0])
+    session.segment_key(key, policy=oracle(gts)(key))
+    session.propagate()
+    flagged = session.audit()
+    snapshot = {i: r.mask.copy() for i, r in session.records.items()}
+    first, second = flagged[0], flagged[1]
+    session.repair(first, policy=oracle(gts)(first))
+    masks_after_first = {i: r.mask.copy() for i, r in session.records.items()}
+    session.repair(second, policy=oracle(gts)(second))
+    assert session.repairs_used == 2
+    session.undo_slice(second)
+    assert session.repairs_used == 1
+    assert {i: r.mask for i, r in session.records.items()}.keys() == masks_after_first.keys()
+    assert all(np.array_equal(session.records[i].mask, m) for i, m in masks_after_first.items())
+    session.undo_slice(first)
+    assert all(np.array_equal(session.records[i].mask, m) for i, m in snapshot.items())
+    assert first not in session.propagator.anchors
+    with pytest.raises(EditError, match="no change to undo"):
+        session.undo_slice(first)
+
+
+@needs_recist
+def test_user_clicks_and_review_without_clicks():
+    session, label, gts, key, plan = build(VOLUMES[1])
+    session.segment_key(key, clicks=[Click(*_inside(gts[key]), True, "lesion")])
+    assert session.records[key].source == "user" and session.records[key].status == "key"
+    session.propagate()
+    flagged = session.audit()
+    clean = next(i for i, r in session.records.items() if r.status == "propagated" and i not in plan)
+    # the policy looks at a slice's overlay and stops without clicking: reviewed, no repair spent
+    changed = session.repair(clean, policy=OraclePolicy({"lesion": session.records[clean].mask}))
+    assert changed == [] and session.records[clean].reviewed and session.repairs_used == 0
+    assert flagged
+
+
+@needs_recist
+def test_record_round_trips_and_2d_readers_refuse_it(tmp_path):
+    session, label, gts, key, plan = build(VOLUMES[0])
+    run_volume(session, key, oracle(gts)(key), oracle(gts))
+    record = session.record()
+    data = record.to_dict()
+    assert data["version"] == "volume-1" and data["kind"] == "volume"
+    back = VolumeRecord.from_json(record.to_json(tmp_path / "volume.json"))
+    assert back.to_dict() == data
+    assert np.array_equal(back.label_volume(), session.label_volume())
+    statuses = {s.status for s in back.slices}
+    assert {"key", "propagated", "repaired", "absent"} >= statuses >= {"key", "repaired"}
+    with pytest.raises(TrajectoryFormatError, match="version 'volume-1' is not supported"):
+        Trajectory.from_dict(data)
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "slicer_module" / "IBISAgent"))
+    slicer_reader = importlib.import_module("IBISAgentLib.trajectory")
+    with pytest.raises(slicer_reader.UnsupportedTrajectoryVersion, match="volume-1"):
+        slicer_reader.TrajectoryView.from_dict(data)
+    key_traj = next(s.trajectory for s in back.slices if s.status == "key").to_dict()
+    with pytest.raises(TrajectoryFormatError, match="2D trajectory"):
+        VolumeRecord.from_dict(key_traj)
+    with pytest.raises(TrajectoryFormatError, match="slices\\[0\\]"):
+        VolumeRecord.from_dict({**data, "slices": [{**data["slices"][0], "status": "guessed"}]})
+
+
+@needs_recist
+def test_classical_tool_propagates_without_weights():
+    from ibisagent.tools.classical import ClassicalTool
+
+    image, label = load_cropped(VOLUMES[2])
+    gts = slice_masks(label)
+    key = int(np.argmax(label.sum((0, 1))))
+    tool = ClassicalTool()
+    session = VolumeSession(tool, ToolPropagator(tool), image, "Segment the lesion.", "lesion")
+    session.segment_key(key, policy=OraclePolicy({"lesion": gts[key]}))
+    session.propagate()
+    covered = [i for i, r in session.records.items() if r.mask.any()]
+    assert min(covered) < key < max(covered)
+    assert dice3d(session, label) > 0.5
+    session.close()
