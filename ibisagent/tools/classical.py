@@ -4,15 +4,18 @@ Per image (`set_image`): colour features (CIELAB, or grey x 100 for grey images)
 comparisons, a lightly smoothed copy for the random walker and gradient magnitudes, each on a 4-level pyramid
 (full resolution and three halvings), plus the image's noise level.
 
-Per click (`predict`), the click decides a region it may claim, and the labels nearby are then re-solved:
+Per click (`predict`), the previous mask is kept except where the new click contradicts it: a click that agrees
+with the mask at its pixel (a positive click inside it, a negative one outside) changes nothing, and stays a seed
+of later solves. A contradicting click decides a region it may claim, and the labels nearby are then re-solved:
 
 1. Reach. Every click has a seed colour (median of its 7x7 neighbourhood) and a colour tolerance that adapts to
    the image (its noise level) and to the seed (its spread). The first positive click measures the object's radius
    by casting rays until the colour leaves that tolerance; rays that mostly escape far across the image mean the
    tolerance was too loose, and they are cast again with half of it. A later click's reach grows with its depth,
-   the distance to the current mask's boundary (how deep the click lies in the error); for a positive click the
-   depth overestimates the error when it lands on a separate part of the object, so its reach is capped by its
-   own ray radius.
+   the distance to the current mask's boundary (how deep the click lies in the error). The depth overestimates
+   the error when a positive click lands on a separate part of the object, or a negative one on an inclusion deep
+   inside the mask (a hole an initial mask covers): the reach and the depth are capped by the click's own ray
+   radius, so a click never re-solves more than its colour region suggests.
 2. Claim. Geodesic distances from the click on an edge-cost map (1 + (gradient / local scale)^2), computed on the
    pyramid level where the window fits in `window` pixels, give the pixels within reach. Clicks of the opposite
    label compete for pixels (each pixel goes to the geodesically nearer click), a claim keeps only pixels whose
@@ -24,7 +27,8 @@ Per click (`predict`), the click decides a region it may claim, and the labels n
    locally and leaves earlier corrections alone; a band at full resolution then refines the zone's boundary.
 
 The logits returned are the mask at 256x256 (+-10); the tool remembers its recent masks by their logits and
-restores the full-resolution mask when such logits come back as `prev_logits` (others are upsampled).
+restores the full-resolution mask when such logits come back as `prev_logits` (others are upsampled). An initial
+mask given through `mask_to_logits` is remembered the same way, so refining it starts from the mask itself.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ class ClassicalParams:
     first_offset: float = 4.0
     reach_scale: float = 2.0  # later click's reach = reach_scale * depth in the error + reach_offset ...
     reach_offset: float = 6.0
-    cap_scale: float = 4.0  # ... capped for a positive click at cap_scale * its ray radius + first_offset
+    cap_scale: float = 1.5  # ... capped at cap_scale * the click's ray radius + first_offset
     edge_scale: float = 1.5  # geodesic cost 1 + (gradient / (edge_scale * local median gradient))^2
     claim_tol: float = 1.5  # a claim keeps pixels within claim_tol * the seed tolerance of the click's colour
     window_margin: float = 1.2  # claim window half-width = window_margin * reach + 4
@@ -123,7 +127,7 @@ class ClassicalTool(SegmentationTool):
         for _ in range(1, _LEVELS):
             for pyramid in (self._feats, self._smooth, self._rwfeat):
                 pyramid.append(_down2(pyramid[-1]))
-        self._grads = [_gradient(level) for level in self._rwfeat]
+        self._grads = [_gradient(level) for level in self._feats]
         self._memory.clear()
 
     # -- per click ---------------------------------------------------------------------------------------
@@ -363,9 +367,10 @@ def _down2(a: np.ndarray) -> np.ndarray:
 
 
 def _gradient(f: np.ndarray) -> np.ndarray:
-    """HxW gradient magnitude of (smoothed) HxWxC features: Sobel per channel (edges replicated), the squares summed
-    over channels. Written with array slices, several times faster than ndimage.sobel."""
-    p = np.pad(f, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    """HxW gradient magnitude of HxWxC features: Sobel after a small Gaussian, the squares summed over channels.
+    The Sobel is written with array slices (edges replicated, as ndimage's reflection does for 3 taps): several
+    times faster than ndimage.sobel."""
+    p = np.pad(_gauss(f, 0.7), ((1, 1), (1, 1), (0, 0)), mode="edge")
     rows = p[:-2] + 2 * p[1:-1] + p[2:]  # [1, 2, 1] down the rows
     cols = p[:, :-2] + 2 * p[:, 1:-1] + p[:, 2:]  # [1, 2, 1] along the columns
     gx = rows[:, 2:] - rows[:, :-2]
