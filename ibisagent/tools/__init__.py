@@ -37,4 +37,20 @@ def build_tool(
     raise ToolError(f"unknown tool {name!r}; choose one of: {', '.join(TOOLS)}")
 
 
-__all__ = ["TOOLS", "SegmentationTool", "ToolError", "ToolOutput", "build_tool"]
+def build_propagator(
+    tool: SegmentationTool, checkpoint: str | None = None, config: str | None = None, device: str = "cpu"
+):
+    """The volume propagator (`ibisagent.volume.Propagator`) that goes with `tool`: sam2's video predictor for the
+    "sam2" and "medsam2" tools (same checkpoint and config), else the weight-free `ToolPropagator` around `tool`."""
+    if tool.name in ("sam2", "medsam2"):
+        from ibisagent.tools.sam2_video import SAM2VideoPropagator
+
+        return SAM2VideoPropagator.from_checkpoint(
+            checkpoint, config=config, medsam2=tool.name == "medsam2", device=device
+        )
+    from ibisagent.volume.propagation import ToolPropagator
+
+    return ToolPropagator(tool)
+
+
+__all__ = ["TOOLS", "SegmentationTool", "ToolError", "ToolOutput", "build_propagator", "build_tool"]
