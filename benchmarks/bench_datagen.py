@@ -3,13 +3,15 @@ where the time goes (encode / tool / simulator / I/O / other).
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_datagen.py --limit 6
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_datagen.py --tools sam2 --limit 20 --self-correction 0.5
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_datagen.py --tools sam2 --workers 2
 
 Each tool writes into a fresh temporary folder (no resume), with the model tools on random weights (checkpoint None):
 the architecture sets the cost, but random masks rarely reach `--stop-iou`, so their episodes run `--max-steps`
 clicks, as the hardest real samples do. A sample is one written trajectory record (one per mask and variant).
 The split: encode, tool (predict) and simulator (the oracle's clicks) are summed over the records by `run_summary`;
 I/O (reading images and masks) comes from `generate`'s own summary; other = wall - all of them (building the tool,
-rendering observations, RLE and JSON writing).
+rendering observations, RLE and JSON writing). With `--workers N` the split sums the workers' seconds, so it can
+exceed the wall time; other is then what the split does not explain (negative when the workers overlap).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def bench_tool(name: str, args: argparse.Namespace) -> dict:
         stop_iou=args.stop_iou,
         self_correction=args.self_correction,
         user_inconsistency=args.user_inconsistency,
+        workers=args.workers,
     )
     with tempfile.TemporaryDirectory(prefix="bench_datagen_") as out:
         t0 = time.perf_counter()
@@ -74,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--self-correction", type=float, default=0.0, help="fraction with a self-correction variant")
     parser.add_argument("--user-inconsistency", type=float, default=0.0, help="fraction with a wrong-initial-mask one")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--workers", type=int, default=1, help="worker processes of the run (GenerateConfig.workers)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.tools.split(",") if n.strip()]
     unknown = [n for n in names if n not in TOOLS]
@@ -84,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"{args.limit} masks of {args.data.name}, max {args.max_steps} steps, stop IoU {args.stop_iou}, "
-        f"device {args.device}, torch threads {torch.get_num_threads()}, model tools on random weights\n"
+        f"device {args.device}, torch threads {torch.get_num_threads()}, {args.workers} worker process(es), "
+        "model tools on random weights\n"
     )
     print("| tool | samples | kept | wall s | samples/s | encode | tool | simulator | I/O | other | build s (apart) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

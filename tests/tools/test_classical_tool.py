@@ -12,7 +12,7 @@ from scipy import ndimage
 from ibisagent.datasets import list_biomedparse
 from ibisagent.io import read_image, read_mask
 from ibisagent.metrics import iou, noc
-from ibisagent.simulator import click_with_oracle, next_click
+from ibisagent.simulator import click_with_oracle, far_background_click, next_click, perturbed_masks
 from ibisagent.tools import build_tool
 from ibisagent.tools.base import ToolError
 from ibisagent.tools.classical import ClassicalParams, ClassicalTool
@@ -24,7 +24,7 @@ needs_demo = pytest.mark.skipif(not DEMO.is_dir(), reason=f"demo data not found 
 
 # One mask per modality family, plus two hard ones: the optic cup (fundus, weak edges) and a small polyp whose
 # textured first click used to leak over the whole image (the ray re-cast stops it). Measured with the defaults
-# (10 oracle clicks): mean IoU 0.926 (lowest 0.879), mean NoC@85 4.1 (failures counted as 11).
+# (10 oracle clicks): mean IoU 0.923 (lowest 0.876), mean NoC@85 4.5 (failures counted as 11).
 QUALITY_MASKS = (
     "06_CT_abdomen_spleen",
     "08_MRI_heart_left+heart+ventricle",
@@ -35,12 +35,13 @@ QUALITY_MASKS = (
     "23_fundus_retinal_optic+cup",
     "24_endoscope_colon_non-neoplastic+polyp",
 )
-FLOOR_MEASURED = 0.926
+FLOOR_MEASURED = 0.923
 FLOOR_MARGIN = 0.02
 LOWEST_FLOOR = 0.84
-NOC_MEASURED = 4.125
+NOC_MEASURED = 4.5
 NOC_MARGIN = 0.75
 CLICKS = 10
+NOISY_MEASURED = 0.905  # mean IoU after 8 noisy clicks on USER_MASKS (seed 0; lowest 0.867)
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +232,63 @@ def test_foreground_click_inside_the_initial_mask_does_not_shrink_it(liver):
     inside = Click(cols[0] + 0.5, rows[0] + 0.5, True)
     out = tool.predict([inside], tool.mask_to_logits(gt))
     assert out.mask.sum() >= gt.sum() and iou(out.mask, gt) >= 0.98, (gt.sum(), out.mask.sum())
+
+
+# The user-click scenarios of benchmarks/bench_user_clicks.py on a few masks; the full figures come from the benchmark.
+USER_MASKS = (
+    "06_CT_abdomen_spleen",
+    "13_MRI_abdomen_left+kidney",
+    "20_ultrasound_breast_tumor",
+    "24_endoscope_colon_neoplastic+polyp",
+)
+
+
+@pytest.fixture(scope="module")
+def user_masks() -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, image, gt) of USER_MASKS."""
+    if not DEMO.is_dir():
+        pytest.skip(f"demo data not found at {DEMO}")
+    samples = {s.name: s for s in list_biomedparse(DEMO)}
+    out = []
+    for name in USER_MASKS:
+        image = read_image(samples[name].image)
+        out.append((name, image, read_mask(samples[name].mask, image.shape[:2])))
+    return out
+
+
+def test_noisy_clicks_reach_the_oracle_quality(user_masks):
+    """(b) Clicks uniformly random inside the largest error region, 8 clicks, one seed."""
+    tool = ClassicalTool()
+    scores = []
+    for k, (_, image, gt) in enumerate(user_masks):
+        tool.set_image(image)
+        run = click_with_oracle(tool, gt, 8, rng=np.random.default_rng([0, k]))
+        scores.append(run.ious[-1])
+    assert np.mean(scores) >= NOISY_MEASURED - 0.02 and min(scores) >= 0.8, np.round(scores, 3)
+
+
+def test_a_far_background_click_after_the_first_changes_little(user_masks):
+    """(c) The first oracle click, then a background click at the far corner: never emptied, IoU not lowered."""
+    tool = ClassicalTool()
+    for name, image, gt in user_masks:
+        tool.set_image(image)
+        first = next_click(np.zeros(gt.shape, bool), gt)
+        one = tool.predict([first])
+        two = tool.predict([first, far_background_click(gt)], one.logits)
+        assert two.mask.any() and iou(two.mask, gt) >= iou(one.mask, gt) - 0.02, name
+
+
+def test_refinement_of_a_perturbed_mask_improves_it(user_masks):
+    """(d) The ground truth eroded, dilated or shifted as the initial mask, one oracle corrective click: IoU rises;
+    (e) the same initial masks and the ground truth with a far background click: IoU stays within 0.02."""
+    tool = ClassicalTool()
+    for name, image, gt in user_masks:
+        tool.set_image(image)
+        initials = perturbed_masks(gt)
+        for kind, initial in initials.items():
+            out = tool.predict([next_click(initial, gt)], tool.mask_to_logits(initial))
+            assert iou(out.mask, gt) > iou(initial, gt), f"{name} {kind}"
+        far = far_background_click(gt)
+        for kind, initial in {"gt": gt, **initials}.items():
+            out = tool.predict([far], tool.mask_to_logits(initial))
+            assert abs(iou(out.mask, gt) - iou(initial, gt)) <= 0.02, f"{name} {kind}"
