@@ -10,7 +10,7 @@ rollouts run. Where the names meet, GRPO's meaning is:
 - model: the spec's `model` is GRPO's `model_name_or_path` (trl's name for the starting checkpoint).
 - max_new_tokens: default 256, not 512 (a rollout turn is one short <think>/<action>).
 - temperature: the sampling temperature, and also the one the training pass divides its logits by.
-- seed: seeds prompt order, sampling and initialisation, not only sampling.
+- seed: seeds prompt order, sampling (with the process index) and initialisation, not only sampling.
 - sample, history: not options: rollouts always sample and keep the whole episode (history "full").
 - top_k: GRPO's own (the spec has none).
 """
@@ -61,7 +61,10 @@ class GRPOArguments(ToolSpec):
         default=1, metadata={"help": "unusable outputs in a row that end an episode (before: retried with feedback)"}
     )
     num_generations: int = field(default=8, metadata={"help": "G: episodes per prompt (one group)"})
-    prompts_per_step: int = field(default=4, metadata={"help": "prompts per optimisation step (B groups)"})
+    prompts_per_step: int = field(
+        default=4,
+        metadata={"help": "prompts per optimisation step and process (B groups each; a step trains B x processes)"},
+    )
     max_steps: int = field(default=100, metadata={"help": "optimisation steps"})
     learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})

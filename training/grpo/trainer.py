@@ -1,9 +1,15 @@
 """The GRPO trainer: rollouts, rewards, advantages and updates with accelerate, checkpoints that resume to the same
-run, per-step metrics, and the `ibisagent-train grpo` entry point."""
+run, per-step metrics, and the `ibisagent-train grpo` entry point.
+
+With several processes (`accelerate launch --multi_gpu --num_processes N`) each step draws `prompts_per_step` prompts
+per process and gives each process its own share (a group never spans processes); the gradient is that of the whole
+step's loss, and every process runs the same number of forward/backward passes (DDP's passes are collectives), so none
+waits at a barrier the others never reach. Metrics cover every process's rollouts and are written by the main one."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -26,7 +32,7 @@ from ..common import collate, freeze_vision, pad_token_id
 from ..rewards import COMPONENTS, answer_match
 from .config import GRPOArguments
 from .objective import group_advantages, lr_factor, policy_loss, token_logps
-from .rollout import Rollout, rollout
+from .rollout import Rollout, RolloutError, rollout
 from .rows import Row, VQARows, build_rows, instruction_library
 
 
@@ -34,7 +40,7 @@ class GRPOTrainer:
     """Rollouts, rewards, advantages and updates, with checkpoints and per-step metrics (`output_dir/metrics.jsonl`).
 
     rows: the prompts (`SegmentationRows`, `StepRows`, or any sequence of `Row`); vqa_rows: VQA prompts mixed in at
-    `args.vqa_fraction`. model/processor default to `args.model_name_or_path`; tool_factory to the `ToolSpec` of
+    `args.vqa_fraction`; every process holds the same rows (`prompts` splits each step's draw between them). model/processor default to `args.model_name_or_path`; tool_factory to the `ToolSpec` of
     `args.tool`, built on this process's device. `on_step(step, metrics)` is called after each step.
     """
 
@@ -86,8 +92,9 @@ class GRPOTrainer:
             warmup=max(args.warmup_steps, 0) * args.num_iterations,
             total=args.max_steps * args.num_iterations,
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        # Not passed to accelerate.prepare: its scheduler wrapper steps once per process on each step() call.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.step = 0
         if self.resume:
             self._load_state(self.resume)
@@ -97,7 +104,8 @@ class GRPOTrainer:
         """Run to `args.max_steps`; returns the metrics of the steps run here."""
         history = []
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
+        if self.accelerator.is_main_process:
+            _truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
         while self.step < self.args.max_steps:
             metrics = self.train_step()
             history.append(metrics)
@@ -115,26 +123,39 @@ class GRPOTrainer:
         return history
 
     def prompts(self, step: int) -> list[Row]:
-        """The prompts of `step`: a function of (seed, step, process), so a resumed run sees the same ones."""
-        rng = np.random.default_rng([self.args.seed, step, self.accelerator.process_index])
+        """This process's prompts of `step`: the step draws `prompts_per_step` per process, without repeats while the
+        rows suffice, as a function of (seed, step) so that a resumed run sees the same ones; process r takes the r-th
+        share of the segmentation draw and of the VQA draw."""
+        rng = np.random.default_rng([self.args.seed, step])
+        n, rank = self.accelerator.num_processes, self.accelerator.process_index
         b = self.args.prompts_per_step
         n_vqa = int(round(b * self.args.vqa_fraction)) if self.vqa_rows is not None else 0
-        pick = _choose(rng, len(self.rows), b - n_vqa)
+        pick = _choose(rng, len(self.rows), (b - n_vqa) * n)[rank * (b - n_vqa) : (rank + 1) * (b - n_vqa)]
         out = [self.rows[i] for i in pick]
         if n_vqa:
-            out += [self.vqa_rows[i] for i in _choose(rng, len(self.vqa_rows), n_vqa)]
+            vqa = _choose(rng, len(self.vqa_rows), n_vqa * n)[rank * n_vqa : (rank + 1) * n_vqa]
+            out += [self.vqa_rows[i] for i in vqa]
         return out
 
     def train_step(self) -> dict:
         import torch
+        from accelerate.utils import gather_object
 
-        args = self.args
+        args, acc = self.args, self.accelerator
         t0 = time.perf_counter()
         rows = self.prompts(self.step)
-        model = self.accelerator.unwrap_model(self.model)
+        model = acc.unwrap_model(self.model)
         model.eval()
-        torch.manual_seed(int(np.random.SeedSequence([args.seed, self.step, 7]).generate_state(1)[0]))
-        rollouts, timings = rollout(model, self.processor, rows, args, self.tools, self.templates, self.reward_config)
+        torch.manual_seed(
+            int(np.random.SeedSequence([args.seed, self.step, 7, acc.process_index]).generate_state(1)[0])
+        )
+        rollouts, timings, failure = [], {}, None
+        try:
+            rollouts, timings = rollout(
+                model, self.processor, rows, args, self.tools, self.templates, self.reward_config
+            )
+        except Exception as exc:  # noqa: BLE001 - raised below, once every process knows (the others would wait)
+            failure = exc
         advantages = group_advantages([r.rewards["total"] for r in rollouts], args.num_generations, args.scale_rewards)
         for r, a in zip(rollouts, advantages):
             r.advantage = a
@@ -142,55 +163,84 @@ class GRPOTrainer:
 
         model.train()
         active = [i for i, a in enumerate(advantages) if a != 0.0]  # zero advantage: zero gradient (mu = 1 or not)
-        encoded = {i: rollouts[i].policy.encoded() for i in active}
-        n_tokens = sum(len(seg.ids) for r in rollouts for seg in r.policy.segments if seg.model)
-        norm = float(max(n_tokens, 1) if args.loss_type == "dapo" else len(rollouts))
-        pad = pad_token_id(self.processor)
         chunks = [active[i : i + args.micro_batch_size] for i in range(0, len(active), args.micro_batch_size)]
-        device = self.accelerator.device
+        n_tokens = sum(len(seg.ids) for r in rollouts for seg in r.policy.segments if seg.model)
+        # What every process must know before the first DDP pass: whether a rollout failed, how many passes to run,
+        # and the loss normalisers over the whole step's rollouts.
+        local = [[failure is not None, len(chunks), n_tokens, len(rollouts)]]
+        local = torch.tensor(local, dtype=torch.long, device=acc.device)
+        table = acc.gather(local).view(-1, 4).tolist()  # one row per process
+        failed = [rank for rank, row in enumerate(table) if row[0]]
+        if failure is not None:
+            raise failure
+        if failed:
+            raise RolloutError(f"the rollout of process {failed} failed (see its error); no process trains this step")
+        passes = max(row[1] for row in table)
+        total_tokens, total_sequences = sum(row[2] for row in table), sum(row[3] for row in table)
+        # DDP averages the processes' gradients: dividing by norm / processes gives the gradient of the step's loss.
+        norm = float(max(total_tokens, 1) if args.loss_type == "dapo" else total_sequences) / acc.num_processes
+        # A process with fewer passes than another pads with zero-weight passes over one of its own sequences.
+        plan = [(chunk, 1.0) for chunk in chunks] + [([0], 0.0)] * (passes - len(chunks))
+        encoded = {i: rollouts[i].policy.encoded() for chunk, _ in plan for i in chunk}
+        pad = pad_token_id(self.processor)
+        device = acc.device
+
+        def batch_of(chunk: list[int]) -> dict:
+            return {k: v.to(device) for k, v in collate([encoded[i] for i in chunk], pad).items()}
+
         old = {}
-        if args.num_iterations > 1 and chunks:
-            with torch.no_grad():
+        if args.num_iterations > 1:
+            with torch.no_grad():  # the unwrapped model: no collective, so only this process's own chunks
                 for chunk in chunks:
-                    batch = {k: v.to(device) for k, v in collate([encoded[i] for i in chunk], pad).items()}
-                    logps, _ = token_logps(self.model, batch, args.temperature)
+                    logps, _ = token_logps(model, batch_of(chunk), args.temperature)
                     old.update({i: logps[j].detach() for j, i in enumerate(chunk)})
         eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
         loss_total, grad_norm, clipped = 0.0, 0.0, 0.0
         for _ in range(args.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            for chunk in chunks:
-                batch = {k: v.to(device) for k, v in collate([encoded[i] for i in chunk], pad).items()}
-                with self.accelerator.autocast():
-                    logps, mask = token_logps(self.model, batch, args.temperature)
-                old_logps = torch.stack([old[i] for i in chunk]) if old else logps.detach()
-                adv = torch.tensor([advantages[i] for i in chunk], dtype=logps.dtype, device=device)
-                loss = policy_loss(logps, old_logps, adv, mask, args.epsilon, eps_high, args.loss_type, norm)
-                self.accelerator.backward(loss)
-                loss_total += float(loss.detach())
-                ratio = torch.exp(logps.detach() - old_logps)
-                clipped += float((((ratio < 1 - args.epsilon) | (ratio > 1 + eps_high)) & mask).sum())
-            if chunks:
+            for k, (chunk, weight) in enumerate(plan):
+                # Gradients are accumulated locally and reduced once, in the last pass of the update.
+                with contextlib.nullcontext() if k == len(plan) - 1 else acc.no_sync(self.model):
+                    batch = batch_of(chunk)
+                    with acc.autocast():
+                        logps, mask = token_logps(self.model, batch, args.temperature)
+                    old_logps = torch.stack([old[i] for i in chunk]) if old and weight else logps.detach()
+                    adv = torch.tensor([advantages[i] for i in chunk], dtype=logps.dtype, device=device)
+                    loss = policy_loss(logps, old_logps, adv, mask, args.epsilon, eps_high, args.loss_type, norm)
+                    acc.backward(loss * weight)
+                if weight:
+                    loss_total += float(loss.detach())
+                    ratio = torch.exp(logps.detach() - old_logps)
+                    clipped += float((((ratio < 1 - args.epsilon) | (ratio > 1 + eps_high)) & mask).sum())
+            if plan:  # the same decision on every process: passes is agreed
                 if args.max_grad_norm:
-                    grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm))
+                    grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), args.max_grad_norm))
                 self.optimizer.step()
-                self.scheduler.step()
+            self.scheduler.step()  # once per update, trained or not, whatever the number of processes
         self.step += 1
         t2 = time.perf_counter()
-        metrics = _step_metrics(rollouts, args)
+        share = {
+            "rollouts": [_rollout_stats(r) for r in rollouts],
+            "loss": loss_total,
+            "clipped": clipped,
+            "trained": len(active),
+            "seconds": {"rollout_seconds": t1 - t0, "train_seconds": t2 - t1, "step_seconds": t2 - t0}
+            | {k: v for k, v in timings.items() if k != "rollout_s"},
+        }
+        shares = gather_object([share])  # every process's, in process order (groups stay contiguous)
+        metrics = _step_metrics([s for sh in shares for s in sh["rollouts"]], args.num_generations)
+        seconds = {k: max(sh["seconds"][k] for sh in shares) for k in share["seconds"]}  # the slowest process's
         metrics.update(
             step=self.step,
-            loss=loss_total / args.num_iterations,
+            loss=sum(sh["loss"] for sh in shares) / acc.num_processes / args.num_iterations,
             grad_norm=grad_norm,
             learning_rate=self.scheduler.get_last_lr()[0],
-            clip_fraction=clipped / max(n_tokens * args.num_iterations, 1),
-            model_tokens=n_tokens,
-            sequences_trained=len(active),
-            rollout_seconds=t1 - t0,
-            train_seconds=t2 - t1,
-            step_seconds=t2 - t0,
-            steps_per_second=1.0 / max(t2 - t0, 1e-9),
-            **{k: v for k, v in timings.items() if k != "rollout_s"},
+            clip_fraction=sum(sh["clipped"] for sh in shares) / max(total_tokens * args.num_iterations, 1),
+            model_tokens=total_tokens,
+            sequences_trained=sum(sh["trained"] for sh in shares),
+            episodes=total_sequences,
+            steps_per_second=1.0 / max(seconds["step_seconds"], 1e-9),
+            **seconds,
         )
         return metrics
 
@@ -245,9 +295,9 @@ class GRPOTrainer:
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
         self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
         # The rate follows this run's schedule: resumed with a larger max_steps, a decay stretches to the new end.
-        inner = getattr(self.scheduler, "scheduler", self.scheduler)
-        for group, base, factor in zip(self.optimizer.param_groups, inner.base_lrs, inner.lr_lambdas):
-            group["lr"] = base * factor(inner.last_epoch)
+        scheduler = self.scheduler
+        for group, base, factor in zip(self.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
 
 
 def _choose(rng: np.random.Generator, n: int, k: int) -> list[int]:
@@ -279,35 +329,47 @@ def _tool_factory(args: GRPOArguments, device: str) -> Callable[[], Any]:
     return lambda: args.build(device)
 
 
-def _step_metrics(rollouts: list[Rollout], args: GRPOArguments) -> dict:
-    """Per-step means: each reward component (over the rollouts where it applies), total reward and its spread,
-    IoU and Dice of segmentation rollouts, episode length, click-in-target rate, VQA accuracy, images seen."""
+def _rollout_stats(r: Rollout) -> dict:
+    """What the step's metrics need of one rollout, as plain values (gathered from every process)."""
+    steps = r.trajectory.steps
+    out = {
+        "rewards": dict(r.rewards),
+        "length": len(steps),
+        "valid": [s.error is None for s in steps],
+        "observations": r.num_observations,
+    }
+    if r.row.gt is not None:
+        final = r.trajectory.final_masks.get(r.row.target, np.zeros(r.row.gt.shape, bool))
+        out["dice"] = dice(final, r.row.gt)
+        clicks = [c for s in steps if s.action for c in s.action.clicks if c.positive]
+        out["hits"] = [click_in_target(c, r.row.gt) for c in clicks]
+    if r.row.solution is not None:
+        out["vqa"] = answer_match(r.trajectory.answer, r.row.solution)
+    return out
+
+
+def _step_metrics(stats: list[dict], group_size: int) -> dict:
+    """Per-step means over the rollouts' `_rollout_stats`: each reward component (over the rollouts where it
+    applies), total reward and its spread within groups, IoU and Dice of segmentation rollouts, episode length,
+    click-in-target rate, VQA accuracy, images seen."""
     out: dict[str, float] = {}
     for name in (*COMPONENTS, "total"):
-        values = [r.rewards[name] for r in rollouts if r.rewards.get(name) is not None]
+        values = [s["rewards"][name] for s in stats if s["rewards"].get(name) is not None]
         out[f"reward/{name}"] = float(np.mean(values)) if values else float("nan")
-    totals = np.array([r.rewards["total"] for r in rollouts]).reshape(-1, args.num_generations)
+    totals = np.array([s["rewards"]["total"] for s in stats]).reshape(-1, group_size)
     out["reward/total_std_within_group"] = float(totals.std(axis=1).mean())
-    seg = [r for r in rollouts if r.row.gt is not None]
+    seg = [s for s in stats if "dice" in s]
     if seg:
-        out["iou"] = float(np.mean([r.rewards["iou"] for r in seg]))
-        finals = [r.trajectory.final_masks.get(r.row.target, np.zeros(r.row.gt.shape, bool)) for r in seg]
-        out["dice"] = float(np.mean([dice(m, r.row.gt) for m, r in zip(finals, seg)]))
-        hits = [
-            click_in_target(c, r.row.gt)
-            for r in seg
-            for s in r.trajectory.steps
-            if s.action
-            for c in s.action.clicks
-            if c.positive
-        ]
+        out["iou"] = float(np.mean([s["rewards"]["iou"] for s in seg]))
+        out["dice"] = float(np.mean([s["dice"] for s in seg]))
+        hits = [h for s in seg for h in s["hits"]]
         out["click_in_target"] = float(np.mean(hits)) if hits else 0.0
-    vqa = [r for r in rollouts if r.row.solution is not None]
+    vqa = [s["vqa"] for s in stats if "vqa" in s]
     if vqa:
-        out["vqa_accuracy"] = float(np.mean([answer_match(r.trajectory.answer, r.row.solution) for r in vqa]))
-    out["episode_length"] = float(np.mean([len(r.trajectory.steps) for r in rollouts]))
-    out["format_valid"] = float(np.mean([s.error is None for r in rollouts for s in r.trajectory.steps] or [0.0]))
-    out["observations"] = float(sum(r.num_observations for r in rollouts))
+        out["vqa_accuracy"] = float(np.mean(vqa))
+    out["episode_length"] = float(np.mean([s["length"] for s in stats]))
+    out["format_valid"] = float(np.mean([v for s in stats for v in s["valid"]] or [0.0]))
+    out["observations"] = float(sum(s["observations"] for s in stats))
     return out
 
 
