@@ -21,6 +21,8 @@ from IBISAgentLib import (
     IBISAgentClient,
     TrajectoryView,
     default_server_url,
+    dims_ijk_of_kji,
+    geometry_mismatch,
     ijk_index,
     ijk_to_ras,
     kji_slice,
@@ -288,43 +290,14 @@ class IBISAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._syncLogicServer()
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("IBISAgent failed.", waitCursor=True):
-            volume = p.GetNodeReference("InputVolume")
-            if p.GetParameter("UseRedSlice") == "true":
-                axis, sliceIndex = self.logic.sliceFromView(volume, "Red")
-                wasModified = p.StartModify()
-                p.SetParameter("SliceAxis", str(axis))
-                p.SetParameter("SliceIndex", str(sliceIndex))
-                p.EndModify(wasModified)
-            else:
-                axis, sliceIndex = int(p.GetParameter("SliceAxis")), int(p.GetParameter("SliceIndex"))
-            segmentation = p.GetNodeReference("Segmentation")
-            positive, negative = self.logic.userPoints()  # points placed before Run start the session with them
-            self.logic.run(
-                volume,
-                sliceIndex,
-                axis,
-                p.GetParameter("Instruction"),
-                segmentation,
-                p.GetParameter("SegmentId"),
-                int(p.GetParameter("MaxSteps")),
-                initialFromSegment=p.GetParameter("InitialFromSegment") == "true",
-                positiveRas=positive,
-                negativeRas=negative,
-            )
-            self.logic.clearUserPoints()
-            if segmentation is None:  # the Logic created one; show it in the selector
-                p.SetNodeReferenceID("Segmentation", self.logic.session.segmentationNode.GetID())
+            self.logic.runFromParameterNode(p)
             self.logic.jumpToSessionSlice()
         self._showTrajectory()
 
     def onAccept(self):
         with slicer.util.tryWithErrorDisplay("IBISAgent could not accept the mask.", waitCursor=True):
-            segmentId = self.logic.accept(int(round(self.ui.stepSlider.value)))
-            session = self.logic.session
-            wasModified = self._parameterNode.StartModify()
-            self._parameterNode.SetNodeReferenceID("Segmentation", session.segmentationNode.GetID())
-            self._parameterNode.SetParameter("SegmentId", segmentId)
-            self._parameterNode.EndModify(wasModified)
+            self.logic.accept(int(round(self.ui.stepSlider.value)))
+            self.logic.storeSession(self._parameterNode)
         self._updateSessionButtons()
 
     def onUndoAccept(self):
@@ -334,11 +307,8 @@ class IBISAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _continue(self, undoTo=None):
         self._syncLogicServer()
-        p = self._parameterNode
-        # unchecked: only the tool applies the points; checked: the agent goes on if the server has a model
-        runAgent = None if p.GetParameter("AgentContinues") == "true" else False
         with slicer.util.tryWithErrorDisplay("IBISAgent failed to continue.", waitCursor=True):
-            self.logic.continueSession(maxSteps=int(p.GetParameter("MaxSteps")), undoTo=undoTo, runAgent=runAgent)
+            self.logic.continueSession(**self.logic.continueArguments(self._parameterNode, undoTo))
             self.logic.clearUserPoints()
         self._showTrajectory()
 
@@ -413,6 +383,7 @@ class IBISAgentLogic(ScriptedLoadableModuleLogic):
     """
 
     IMAGE_ID_ATTRIBUTE = "IBISAgent.ImageId"
+    SLICE_TOLERANCE = 0.5  # voxels off the slice plane: a point within it lies in a voxel of the slice
     ROLE_ATTRIBUTE = "IBISAgent.Role"
     ROLE_CLICKS_POSITIVE = "clicks-positive"
     ROLE_CLICKS_NEGATIVE = "clicks-negative"
@@ -448,6 +419,58 @@ class IBISAgentLogic(ScriptedLoadableModuleLogic):
         for name, value in defaults.items():
             if not parameterNode.GetParameter(name):
                 parameterNode.SetParameter(name, value)
+
+    # -- parameter node <-> arguments (what the Widget's buttons do, without Qt) -------------------------------------
+    def runArguments(self, parameterNode):
+        """The keyword arguments of `run` that the parameter node holds. With UseRedSlice the slice is the one the
+        Red view shows, and SliceAxis / SliceIndex are updated to it."""
+        p = parameterNode
+        volume = p.GetNodeReference("InputVolume")
+        if volume is None:
+            raise ValueError("choose a volume first")
+        if p.GetParameter("UseRedSlice") == "true":
+            axis, sliceIndex = self.sliceFromView(volume, "Red")
+            wasModified = p.StartModify()
+            p.SetParameter("SliceAxis", str(axis))
+            p.SetParameter("SliceIndex", str(sliceIndex))
+            p.EndModify(wasModified)
+        return {
+            "volumeNode": volume,
+            "sliceIndex": int(p.GetParameter("SliceIndex") or 0),
+            "axis": int(p.GetParameter("SliceAxis") or 2),
+            "instruction": p.GetParameter("Instruction"),
+            "segmentationNode": p.GetNodeReference("Segmentation"),
+            "segmentId": p.GetParameter("SegmentId"),
+            "maxSteps": int(p.GetParameter("MaxSteps") or 10),
+            "initialFromSegment": p.GetParameter("InitialFromSegment") == "true",
+        }
+
+    def continueArguments(self, parameterNode, undoTo=None):
+        """The keyword arguments of `continueSession` for Continue (undoTo None) or Undo to step (undoTo k): with
+        AgentContinues unchecked only the tool applies the points; checked, the agent goes on if the server can."""
+        return {
+            "maxSteps": int(parameterNode.GetParameter("MaxSteps") or 10),
+            "undoTo": undoTo,
+            "runAgent": None if parameterNode.GetParameter("AgentContinues") == "true" else False,
+        }
+
+    def runFromParameterNode(self, parameterNode):
+        """Run: start a session with the parameter node's arguments and the points placed so far (then cleared),
+        and store the session's segmentation (created when none was chosen) in the parameter node."""
+        positive, negative = self.userPoints()
+        trajectory = self.run(**self.runArguments(parameterNode), positiveRas=positive, negativeRas=negative)
+        self.clearUserPoints()
+        self.storeSession(parameterNode)
+        return trajectory
+
+    def storeSession(self, parameterNode):
+        """Point the parameter node's Segmentation and SegmentId at the session's (what Accept writes into)."""
+        s = self.session
+        wasModified = parameterNode.StartModify()
+        parameterNode.SetNodeReferenceID("Segmentation", s.segmentationNode.GetID())
+        if s.segmentId:
+            parameterNode.SetParameter("SegmentId", s.segmentId)
+        parameterNode.EndModify(wasModified)
 
     def _status(self, text):
         logging.info(f"IBISAgent: {text}")
@@ -536,13 +559,14 @@ class IBISAgentLogic(ScriptedLoadableModuleLogic):
     def pointsToIjk(self, pointsRas, volumeNode, axis, sliceIndex):
         """World RAS points -> integer voxel indices [i, j, k] on slice `sliceIndex` (what the server takes).
 
-        A point more than one voxel off the slice is refused rather than silently moved onto it."""
+        A point whose voxel is not on the slice (more than SLICE_TOLERANCE voxels off its centre plane) is refused
+        rather than silently moved onto it: a point on a neighbouring slice's centre is one voxel off."""
         out = []
         dims = np.asarray(volumeNode.GetImageData().GetDimensions())
         ijkToWorld = self.ijkToRasMatrix(volumeNode)
         for ras in pointsRas:
             ijk = ras_to_ijk(np.asarray(ras, float), ijkToWorld)
-            if abs(ijk[axis] - sliceIndex) > 1.0:
+            if not abs(ijk[axis] - sliceIndex) < self.SLICE_TOLERANCE:
                 raise ValueError(
                     f"point at RAS {np.round(ras, 1).tolist()} lies on slice {ijk[axis]:.1f} along IJK axis {axis}, "
                     f"but the session works on slice {sliceIndex}; place points on that slice"
@@ -563,17 +587,21 @@ class IBISAgentLogic(ScriptedLoadableModuleLogic):
            the volumes it loads from the datastore after their image ids);
         3. otherwise an id made of the name and a hash of the voxels and geometry; uploaded (as NIfTI written by
            IBISAgentLib, voxel (i, j, k) preserved) unless the server already holds it.
-        A wrong match in 1 or 2 is caught when the answer's slice size differs from the volume's.
+        A match in 1 or 2 is used only when the server's image has the volume's voxel grid (dimensions and
+        IJK->RAS, `geometry_mismatch`): Slicer's reader reverses axes of left-handed NIfTI files where the server's
+        does not, so the same file can number its voxels differently on both sides. Otherwise the volume is uploaded.
         """
         client = client or self.client()
-        attribute = volumeNode.GetAttribute(self.IMAGE_ID_ATTRIBUTE)
-        if attribute and client.has_image(attribute):
-            return attribute
-        name = volumeNode.GetName() or ""
-        if name and client.has_image(name):
-            return name
         array = self.volumeArray(volumeNode)
         ijkToRas = self.ijkToRasMatrix(volumeNode, world=False)
+        name = volumeNode.GetName() or ""
+        for candidate in dict.fromkeys(v for v in (volumeNode.GetAttribute(self.IMAGE_ID_ATTRIBUTE), name) if v):
+            if not client.has_image(candidate):
+                continue
+            reason = geometry_mismatch(client.image_info(candidate).get("geometry"), dims_ijk_of_kji(array), ijkToRas)
+            if reason is None:
+                return candidate
+            self._status(f"Server image {candidate!r} is not volume {name!r} voxel for voxel ({reason}); uploading it")
         digest = hashlib.sha1()
         digest.update(str((array.shape, array.dtype.str, np.round(ijkToRas, 6).tolist())).encode())
         digest.update(np.ascontiguousarray(array).tobytes())
@@ -602,13 +630,16 @@ class IBISAgentLogic(ScriptedLoadableModuleLogic):
     ):
         """Start a new session on slice `sliceIndex` along IJK `axis` of the volume; returns the trajectory.
 
-        segmentationNode / segmentId: where Accept writes (created when None / empty); initialFromSegment sends the
-        segment's current mask on this slice as the starting mask. positiveRas / negativeRas: world RAS points
-        applied first. runAgent: None = when the server has a policy model. Shows the last step as a preview.
+        segmentationNode / segmentId: where Accept writes (created when None / empty, under the volume's parent
+        transform); a chosen segmentation must lie in the volume's frame (`checkSegmentationFrame`). initialFromSegment
+        sends the segment's current mask on this slice as the starting mask. positiveRas / negativeRas: world RAS
+        points applied first. runAgent: None = when the server has a policy model. Shows the last step as a preview.
         """
         AgentRequest(instruction, max_steps=int(maxSteps)).check()  # before the server is asked anything
         array = self.volumeArray(volumeNode)
         kji_slice(array, axis, sliceIndex)  # a clear error for a bad axis or an out-of-range slice
+        if segmentationNode is not None:
+            self.checkSegmentationFrame(volumeNode, segmentationNode)
         foreground = self.pointsToIjk(positiveRas or [], volumeNode, axis, sliceIndex)
         background = self.pointsToIjk(negativeRas or [], volumeNode, axis, sliceIndex)
         client = self.client()
@@ -622,6 +653,8 @@ class IBISAgentLogic(ScriptedLoadableModuleLogic):
         if segmentationNode is None:
             segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "IBISAgent segmentation")
             segmentationNode.CreateDefaultDisplayNodes()
+            # the transform first: the reference geometry is taken in the segmentation's frame
+            segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
             segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
         self.removePreview()
         session = IBISAgentSession(None, volumeNode, axis, sliceIndex, instruction.strip(), segmentationNode, segmentId)
@@ -745,17 +778,93 @@ class IBISAgentLogic(ScriptedLoadableModuleLogic):
             node.EndModify(wasModified)
 
     # -- segments ---------------------------------------------------------------------------------------------------
-    @staticmethod
-    def segmentArray(segmentationNode, segmentId, volumeNode):
-        """The segment as a (K, J, I) uint8 array in the volume's geometry (zeros for an empty segment)."""
+    @classmethod
+    def segmentArray(cls, segmentationNode, segmentId, volumeNode):
+        """The segment as a (K, J, I) uint8 array in the volume's geometry (zeros for an empty segment).
+
+        A segment that cannot be read, or reads in another shape, raises: taking it for empty would let an accept
+        erase its other slices."""
+        cls.checkSegmentationFrame(volumeNode, segmentationNode)
         shape = slicer.util.arrayFromVolume(volumeNode).shape[:3]
+        segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
+        if segment is None:
+            raise ValueError(f"segmentation {segmentationNode.GetName()!r} has no segment {segmentId!r}")
         try:
             array = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
-        except Exception:  # an empty segment cannot be exported in some Slicer versions
-            array = None
+        except Exception as exc:
+            if cls._segmentIsEmpty(segment):  # an empty segment cannot be exported in some Slicer versions
+                return np.zeros(shape, np.uint8)
+            raise ValueError(
+                f"segment {segment.GetName()!r} could not be read in the volume's geometry: {exc}"
+            ) from exc
         if array is None or array.shape != shape:
-            return np.zeros(shape, np.uint8)
+            raise ValueError(
+                f"segment {segment.GetName()!r} reads as {None if array is None else array.shape}, the volume is "
+                f"{shape} (K, J, I); nothing was written"
+            )
         return (array > 0).astype(np.uint8)
+
+    @staticmethod
+    def _segmentIsEmpty(segment):
+        """Whether every representation the segment holds is an empty image (a surface counts as content)."""
+        names = []
+        segment.GetContainedRepresentationNames(names)
+        for name in names:
+            representation = segment.GetRepresentation(name)
+            if representation is not None and not (hasattr(representation, "IsEmpty") and representation.IsEmpty()):
+                return False
+        return True
+
+    @staticmethod
+    def checkSegmentationFrame(volumeNode, segmentationNode):
+        """Raise ValueError unless the segmentation lies in the volume's frame and grid: the same (linear) parent
+        transforms to world, and a reference geometry, if it has one, equal to the volume's voxel grid. Slicer's
+        segment export applies a transform difference that its import does not, and an import resamples into another
+        grid, so every accept through another frame or grid would move the segment's content."""
+
+        def toWorld(node):
+            transformNode = node.GetParentTransformNode()
+            if transformNode is None:
+                return np.eye(4)
+            if not transformNode.IsTransformToWorldLinear():
+                raise ValueError(f"{node.GetName()!r} is under a non-linear transform; harden the transform first")
+            m = vtk.vtkMatrix4x4()
+            transformNode.GetMatrixTransformToWorld(m)
+            return slicer.util.arrayFromVTKMatrix(m)
+
+        if not np.allclose(toWorld(volumeNode), toWorld(segmentationNode), atol=1e-6):
+            transformNode = volumeNode.GetParentTransformNode()
+            where = f"under transform {transformNode.GetName()!r}" if transformNode else "under no transform"
+            raise ValueError(
+                f"segmentation {segmentationNode.GetName()!r} is not in the frame of volume {volumeNode.GetName()!r}: "
+                f"put it {where}, as the volume (Data module), or harden both, or choose no segmentation to get a "
+                "new one"
+            )
+        geometry = segmentationNode.GetSegmentation().GetConversionParameter(
+            slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+        )
+        if geometry:
+            grid = slicer.vtkOrientedImageData()
+            slicer.vtkSegmentationConverter.DeserializeImageGeometry(geometry, grid)
+            m = vtk.vtkMatrix4x4()
+            grid.GetImageToWorldMatrix(m)
+            extent = grid.GetExtent()
+            dims = [extent[2 * a + 1] - extent[2 * a] + 1 for a in range(3)]
+            origin = slicer.util.arrayFromVTKMatrix(m) @ [extent[0], extent[2], extent[4], 1.0]
+            volumeMatrix = vtk.vtkMatrix4x4()
+            volumeNode.GetIJKToRASMatrix(volumeMatrix)
+            volumeMatrix = slicer.util.arrayFromVTKMatrix(volumeMatrix)
+            same = (
+                list(dims) == list(volumeNode.GetImageData().GetDimensions())
+                and np.allclose(slicer.util.arrayFromVTKMatrix(m)[:3, :3], volumeMatrix[:3, :3], atol=1e-4)
+                and np.allclose(origin[:3], volumeMatrix[:3, 3], atol=1e-3)
+            )
+            if not same:
+                raise ValueError(
+                    f"segmentation {segmentationNode.GetName()!r} has another voxel grid than volume "
+                    f"{volumeNode.GetName()!r} (its geometry was set for another volume or frame): in the Segment "
+                    "Editor, Specify geometry with this volume as source, or choose no segmentation to get a new one"
+                )
 
     def segmentSliceMask(self, segmentationNode, segmentId, volumeNode, axis, sliceIndex):
         """HxW bool mask of the segment on one slice (rows/columns as in IBISAgentLib.geometry)."""
@@ -791,6 +900,7 @@ class IBISAgentLogic(ScriptedLoadableModuleLogic):
             raise ValueError("run the agent first")
         count = self._stepCount(count)
         mask = s.trajectory.mask_at(count - 1)
+        self.checkSegmentationFrame(s.volumeNode, s.segmentationNode)
         array = np.zeros(slicer.util.arrayFromVolume(s.volumeNode).shape[:3], np.uint8)
         write_slice_mask(array, mask, s.axis, s.sliceIndex)
         slicer.util.updateSegmentBinaryLabelmapFromArray(
@@ -808,6 +918,7 @@ class IBISAgentLogic(ScriptedLoadableModuleLogic):
             raise ValueError("run the agent first")
         count = self._stepCount(count)
         mask = s.trajectory.mask_at(count - 1)
+        self.checkSegmentationFrame(s.volumeNode, s.segmentationNode)
         segmentation = s.segmentationNode.GetSegmentation()
         created = False
         if not s.segmentId or segmentation.GetSegment(s.segmentId) is None:
@@ -836,6 +947,7 @@ class IBISAgentLogic(ScriptedLoadableModuleLogic):
         volumeNode = slicer.mrmlScene.GetNodeByID(volumeId)
         if segmentationNode is None or volumeNode is None:
             raise ValueError("the segmentation or volume of that accept was removed from the scene")
+        self.checkSegmentationFrame(volumeNode, segmentationNode)
         if created:
             segmentationNode.GetSegmentation().RemoveSegment(segmentId)
             if self.session is not None and self.session.segmentId == segmentId:
@@ -872,8 +984,10 @@ class IBISAgentLogic(ScriptedLoadableModuleLogic):
 
 
 class IBISAgentTest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer. The geometry test needs no server; the agent test runs against the server named by the
-    IBISAGENT_SERVER environment variable (e.g. http://127.0.0.1:8000) and is skipped when it is unset."""
+    """Runs inside Slicer (and headless on slicer-core: tests/slicer_core). The geometry test needs no server; the
+    agent test runs against the server named by the IBISAGENT_SERVER environment variable (e.g.
+    http://127.0.0.1:8000) and is skipped when it is unset. Both run on a right-handed oblique and a left-handed (LAS)
+    volume, and compare physical positions: Slicer's NIfTI reader may number a left-handed file's voxels otherwise."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -884,61 +998,86 @@ class IBISAgentTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_IBISAgentOnServer()
 
-    def _loadVolume(self):
+    def _volumes(self):
+        """(name, volume node): a synthetic right-handed oblique volume, a left-handed (LAS) one, and the CTChest
+        sample when SampleData can get it."""
+        k, j, i = np.mgrid[0:40, 0:64, 0:80]
+        array = (1000.0 * np.exp(-((i - 46) ** 2 + (j - 30) ** 2 + (k - 20) ** 2) / 300.0)).astype(np.int16)
+        array[k < 6] += 7 * (i[k < 6] % 5).astype(np.int16)  # no symmetry that a wrong axis order could hide
+        oblique = np.array([[0.0, 0.8, 0.0, -20.0], [-0.7, 0.0, 0.0, 15.0], [0.0, 0.0, 2.5, -40.0], [0, 0, 0, 1]])
+        las = np.diag([-0.8, 0.7, 2.5, 1.0])
+        las[:3, 3] = (12.0, -9.0, 30.0)
+        volumes = [
+            ("oblique", slicer.util.addVolumeFromArray(array, ijkToRAS=oblique, name="IBISAgentSyntheticOblique")),
+            ("LAS", slicer.util.addVolumeFromArray(array, ijkToRAS=las, name="IBISAgentSyntheticLAS")),
+        ]
         try:
             import SampleData
 
-            return SampleData.downloadSample("CTChest")
-        except Exception as exc:  # offline: a synthetic, obliquely oriented volume exercises the same paths
-            self.delayDisplay(f"SampleData CTChest not available ({exc}); using a synthetic volume")
-            k, j, i = np.mgrid[0:40, 0:64, 0:80]
-            array = (1000.0 * np.exp(-((i - 40) ** 2 + (j - 30) ** 2 + (k - 20) ** 2) / 300.0)).astype(np.int16)
-            ijkToRas = np.array([[0.0, 0.8, 0.0, -20.0], [-0.7, 0.0, 0.0, 15.0], [0.0, 0.0, 2.5, -40.0], [0, 0, 0, 1]])
-            return slicer.util.addVolumeFromArray(array, ijkToRAS=ijkToRas, name="IBISAgentSynthetic")
+            volumes.append(("CTChest", SampleData.downloadSample("CTChest")))
+        except Exception as exc:  # offline or no SampleData module: the synthetic volumes exercise the same paths
+            self.delayDisplay(f"SampleData CTChest not available ({exc}); synthetic volumes only")
+        return volumes
+
+    @staticmethod
+    def _vtkMatrix(volume, ras_to_ijk=False):
+        m = vtk.vtkMatrix4x4()
+        (volume.GetRASToIJKMatrix if ras_to_ijk else volume.GetIJKToRASMatrix)(m)
+        return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+    def _assertSamePhysicalVoxels(self, loaded, original):
+        """Every voxel of `loaded` lies on a voxel centre of `original` and holds its value (Slicer's own matrices)."""
+        a, b = slicer.util.arrayFromVolume(loaded), slicer.util.arrayFromVolume(original)
+        self.assertEqual(a.size, b.size)
+        kji = np.argwhere(np.ones(a.shape, bool))
+        ijk = np.c_[kji[:, ::-1], np.ones(len(kji))]
+        mapped = (self._vtkMatrix(original, ras_to_ijk=True) @ self._vtkMatrix(loaded) @ ijk.T).T[:, :3]
+        np.testing.assert_allclose(mapped, np.round(mapped), atol=1e-2)
+        index = np.round(mapped).astype(int)
+        np.testing.assert_array_equal(a[tuple(kji.T)], b[index[:, 2], index[:, 1], index[:, 0]])
 
     def test_IBISAgentLibMatchesSlicer(self):
         """IBISAgentLib's conventions agree with Slicer: IJK->RAS, arrayFromVolume's (K, J, I) layout, the NIfTI
-        writer read back by Slicer, and slice masks written into a segment."""
+        writer read back by Slicer's reader (the same physical voxels, whatever numbering the reader chooses), and
+        slice masks written into a segment land on the voxels Slicer places there."""
         self.delayDisplay("Checking IBISAgentLib conventions against Slicer")
-        volume = self._loadVolume()
         logic = IBISAgentLogic()
-        ijkToRas = logic.ijkToRasMatrix(volume)
-        image = volume.GetImageData()
-        dims = image.GetDimensions()
-        for ijk in ([0, 0, 0], [dims[0] - 1, 1, dims[2] // 2], [3, dims[1] - 2, dims[2] - 1]):
-            m = vtk.vtkMatrix4x4()
-            volume.GetIJKToRASMatrix(m)
-            ras = m.MultiplyPoint([*ijk, 1.0])[:3]
-            np.testing.assert_allclose(ijk_to_ras(ijk, ijkToRas), ras, atol=1e-6)
-            np.testing.assert_allclose(ras_to_ijk(ras, ijkToRas), ijk, atol=1e-6)
+        for label, volume in self._volumes():
+            ijkToRas = logic.ijkToRasMatrix(volume)
+            image = volume.GetImageData()
+            dims = image.GetDimensions()
             array = slicer.util.arrayFromVolume(volume)
-            self.assertEqual(array[ijk[2], ijk[1], ijk[0]], image.GetScalarComponentAsDouble(*ijk, 0))
+            for ijk in ([0, 0, 0], [dims[0] - 1, 1, dims[2] // 2], [3, dims[1] - 2, dims[2] - 1]):
+                ras = self._vtkMatrix(volume) @ [*ijk, 1.0]
+                np.testing.assert_allclose(ijk_to_ras(ijk, ijkToRas), ras[:3], atol=1e-6)
+                np.testing.assert_allclose(ras_to_ijk(ras[:3], ijkToRas), ijk, atol=1e-6)
+                self.assertEqual(array[ijk[2], ijk[1], ijk[0]], image.GetScalarComponentAsDouble(*ijk, 0))
 
-        # the NIfTI written by IBISAgentLib (what the server receives) reads back identically in Slicer
-        array = slicer.util.arrayFromVolume(volume)
-        with tempfile.TemporaryDirectory() as folder:
-            path = write_nifti(
-                os.path.join(folder, "roundtrip.nii.gz"), array, logic.ijkToRasMatrix(volume, world=False)
-            )
-            loaded = slicer.util.loadVolume(path)
-            np.testing.assert_array_equal(slicer.util.arrayFromVolume(loaded), array)
-            np.testing.assert_allclose(logic.ijkToRasMatrix(loaded), ijkToRas, atol=1e-3)
-            slicer.mrmlScene.RemoveNode(loaded)
+            # the NIfTI written by IBISAgentLib (what the server receives) holds the same physical voxels in Slicer
+            with tempfile.TemporaryDirectory() as folder:
+                path = write_nifti(os.path.join(folder, "roundtrip.nii.gz"), array, logic.ijkToRasMatrix(volume, False))
+                loaded = slicer.modules.volumes.logic().AddArchetypeVolume(path, "roundtrip")
+                self.assertIsNotNone(loaded, f"Slicer could not read the NIfTI written for {label}")
+                self._assertSamePhysicalVoxels(loaded, volume)
+                slicer.mrmlScene.RemoveNode(loaded)
 
-        # a slice mask lands where the geometry says: pixel (x, y) of an axis-2 slice s is voxel (x, y, s)
-        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-        segmentation.CreateDefaultDisplayNodes()
-        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-        segmentId = segmentation.GetSegmentation().AddEmptySegment("", "check")
-        h, w = slice_shape(dims, 2)
-        mask = np.zeros((h, w), bool)
-        mask[2:5, 7:12] = True  # rows y 2..4, columns x 7..11
-        labelmap = np.zeros(array.shape, np.uint8)
-        write_slice_mask(labelmap, mask, 2, dims[2] // 2)
-        slicer.util.updateSegmentBinaryLabelmapFromArray(labelmap, segmentation, segmentId, volume)
-        back = logic.segmentArray(segmentation, segmentId, volume)
-        self.assertEqual(int(back.sum()), int(mask.sum()))
-        self.assertEqual(back[dims[2] // 2, 2, 7], 1)  # (k, j=y, i=x)
+            # a slice mask lands where the geometry says: pixel (x, y) of an axis-2 slice s is voxel (x, y, s), at
+            # the RAS point Slicer's own IJK->RAS gives
+            segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+            segmentation.CreateDefaultDisplayNodes()
+            segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+            segmentId = segmentation.GetSegmentation().AddEmptySegment("", "check")
+            h, w = slice_shape(dims, 2)
+            mask = np.zeros((h, w), bool)
+            mask[2:5, 7:12] = True  # rows y 2..4, columns x 7..11
+            labelmap = np.zeros(array.shape, np.uint8)
+            write_slice_mask(labelmap, mask, 2, dims[2] // 2)
+            slicer.util.updateSegmentBinaryLabelmapFromArray(labelmap, segmentation, segmentId, volume)
+            back = logic.segmentArray(segmentation, segmentId, volume)
+            self.assertEqual(int(back.sum()), int(mask.sum()))
+            ras = self._vtkMatrix(volume) @ [7.0, 2.0, dims[2] // 2, 1.0]  # pixel (x 7, y 2) of that slice
+            k, j, i = np.round(self._vtkMatrix(volume, ras_to_ijk=True) @ ras)[:3][::-1].astype(int)
+            self.assertEqual(back[k, j, i], 1, f"{label}: the mask is not at the voxel Slicer places at {ras[:3]}")
         self.delayDisplay("IBISAgentLib conventions match Slicer")
 
     def test_IBISAgentOnServer(self):
@@ -946,8 +1085,12 @@ class IBISAgentTest(ScriptedLoadableModuleTest):
         if not url:
             self.delayDisplay("IBISAGENT_SERVER is not set: skipping the IBISAgent server test")
             return
-        self.delayDisplay(f"Running IBISAgent against {url}")
-        volume = self._loadVolume()
+        for label, volume in self._volumes():
+            self.delayDisplay(f"Running IBISAgent against {url} on the {label} volume")
+            self._runOnServer(url, volume)
+        self.delayDisplay("IBISAgent server test passed")
+
+    def _runOnServer(self, url, volume):
         segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
         segmentation.CreateDefaultDisplayNodes()
         segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
@@ -958,7 +1101,7 @@ class IBISAgentTest(ScriptedLoadableModuleTest):
         axis, sliceIndex = 2, dims[2] // 2
         h, w = slice_shape(dims, axis)
         centre = [w // 2, h // 2, sliceIndex]  # voxel (i, j, k) = pixel (x, y) of the axis-2 slice
-        centreRas = ijk_to_ras(centre, logic.ijkToRasMatrix(volume))
+        centreRas = (self._vtkMatrix(volume) @ [*centre, 1.0])[:3]
 
         if logic.agentAvailable():
             trajectory = logic.run(volume, sliceIndex, axis, "segment the lung", segmentation, segmentId, maxSteps=3)
@@ -991,6 +1134,8 @@ class IBISAgentTest(ScriptedLoadableModuleTest):
         accepted = logic.segmentArray(segmentation, segmentId, volume)
         np.testing.assert_array_equal(kji_slice(accepted, axis, sliceIndex) > 0, final)
         self.assertEqual(int(accepted.sum()), int(final.sum()))  # nothing written on other slices
+        # physically: the clicked point lies in the accepted segment where Slicer's own RAS->IJK places it
+        k, j, i = np.round(self._vtkMatrix(volume, ras_to_ijk=True) @ [*centreRas, 1.0])[:3][::-1].astype(int)
+        self.assertEqual(accepted[k, j, i], int(final[centre[1], centre[0]]))
         self.assertTrue(logic.undoAccept())
         self.assertEqual(int(logic.segmentArray(segmentation, segmentId, volume).sum()), 0)
-        self.delayDisplay("IBISAgent server test passed")

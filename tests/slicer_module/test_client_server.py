@@ -6,14 +6,9 @@ sends, decoded with the module's own library."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,16 +29,14 @@ from IBISAgentLib import (
 )
 
 from tests.conftest import DEMO, RECIST
+from tests.slicer_module.serverprocess import APP, find_monailabel, running_server
 
 pytest.importorskip("monailabel")
 nib = pytest.importorskip("nibabel")
 
 from ibisagent.trajectory import Trajectory  # noqa: E402  (the core reads the same JSON: both sides of the contract)
 
-REPO = Path(__file__).resolve().parents[2]
-APP = REPO / "monailabel_app"
 VENV_BIN = Path(os.path.abspath(sys.executable)).parent  # not resolve(): the venv links to its base python
-READY_TIMEOUT_S = 180
 PNG_ID, VOLUME_ID = "04_CT_liver", "ct_lesion"
 # The weight-free classical tool is the app's default; without it the MedSAM2 adapter runs with random weights, whose
 # masks are noise: then only the geometry of the answer is checked, not that the mask holds the click.
@@ -53,12 +46,6 @@ pytestmark = [
     pytest.mark.skipif(not (DEMO.is_dir() and RECIST.is_dir()), reason=f"shared data not found at {DEMO.parent}"),
     pytest.mark.skipif(not (APP / "main.py").is_file(), reason=f"the MONAI Label app is missing at {APP}"),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _build_studies(root: Path) -> dict:
@@ -83,61 +70,12 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("slicer_client_server")
     studies = tmp / "studies"
     data = _build_studies(studies)
-    log_config = tmp / "logging.json"  # console only: MONAI Label's default also writes into the app folder
-    log_config.write_text(
-        json.dumps(
-            {
-                "version": 1,
-                "disable_existing_loggers": False,
-                "handlers": {"console": {"class": "logging.StreamHandler"}},
-                "root": {"level": "INFO", "handlers": ["console"]},
-            }
-        )
-    )
-    port = _free_port()
-    env = dict(os.environ)
-    env.update(
-        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
-        PYTHONDONTWRITEBYTECODE="1",
-        MONAI_LABEL_SESSION_PATH=str(tmp / "monailabel-sessions"),
-        HF_HUB_OFFLINE="1",
-    )
-    monailabel = shutil.which("monailabel", path=f"{VENV_BIN}{os.pathsep}{env['PATH']}")
+    monailabel = find_monailabel(VENV_BIN)
     if monailabel is None:
         pytest.skip(f"no monailabel command beside {sys.executable} or on PATH")
-    app = tmp / "app"  # as scripts/serve.sh runs it: MONAI Label's model/, logs/, bin/ land here, not in the checkout
-    app.mkdir()
-    for name in ("main.py", "lib"):
-        (app / name).symlink_to(APP / name)
-    command = [monailabel, "start_server", "--app", str(app), "--studies", str(studies)]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--log_config", str(log_config), "--conf", "tool", TOOL]
-    log = tmp / "server.log"
-    started = time.monotonic()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp, start_new_session=True)
-    try:
-        client = IBISAgentClient(f"http://127.0.0.1:{port}", timeout=5, infer_timeout=300)
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
-            try:
-                client.info()
-                break
-            except IBISAgentClientError:
-                pass
-            if time.monotonic() - started > READY_TIMEOUT_S:
-                pytest.fail(f"server not ready after {READY_TIMEOUT_S} s:\n{log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.5)
-        print(f"server ready after {time.monotonic() - started:.1f} s (tool {TOOL})")
+    with running_server(tmp, studies, monailabel, {"tool": TOOL}) as (url, log):
+        client = IBISAgentClient(url, timeout=5, infer_timeout=300)
         yield {"client": client, "studies": studies, "log": log, **data}
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the group this fixture created (start_new_session)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
 
 
 def _decode(result: dict) -> TrajectoryView:

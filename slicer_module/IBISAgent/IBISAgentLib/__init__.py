@@ -13,6 +13,7 @@ from IBISAgentLib.client import (
 )
 from IBISAgentLib.geometry import (
     dims_ijk_of_kji,
+    geometry_mismatch,
     ijk_array_to_kji,
     ijk_index,
     ijk_index_to_pixel_index,
@@ -62,6 +63,7 @@ __all__ = [
     "dims_ijk_of_kji",
     "encode_multipart",
     "encode_rle",
+    "geometry_mismatch",
     "ijk_array_to_kji",
     "ijk_index",
     "ijk_index_to_pixel_index",

@@ -403,6 +403,12 @@ class IBISAgentClient:
             raise
         return True
 
+    def image_info(self, image_id: str) -> dict:
+        """GET /datastore/image/info: what the server stores about the image, with its `geometry` ({"kind", "shape"
+        (I, J, K) or (H, W), "affine" 4x4 voxel -> RAS or None}) on servers that report it."""
+        _, _, body = self._request("GET", "/datastore/image/info", {"image": image_id})
+        return self._json(body, self._url("/datastore/image/info"))
+
     def upload_image(self, path: str | Path, image_id: str | None = None, params: dict | None = None) -> str:
         """Upload an image file (NIfTI .nii/.nii.gz, PNG, ...) into the server's datastore; returns its image id.
 

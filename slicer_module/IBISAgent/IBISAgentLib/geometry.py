@@ -215,3 +215,30 @@ def write_slice_mask(array_kji: np.ndarray, mask, axis: int, slice_index: int, v
     view[(view == value) & ~m] = 0
     view[m] = value
     return array_kji
+
+
+def geometry_mismatch(geometry, dims_ijk, volume_ijk_to_ras, atol: float = 1e-3) -> str | None:
+    """Why a server image's geometry is not the volume's, or None when it is.
+
+    geometry: the `geometry` of the server's image info ({"kind", "shape", "affine"}; None when the server does not
+    report it). dims_ijk: the volume's (I, J, K); volume_ijk_to_ras: its 4x4 IJK -> RAS without parent transforms.
+    Equal means the same voxel grid in the same place: voxel (i, j, k) of both is the same point (within `atol` mm
+    over the volume's extent). Slicer's NIfTI reader reverses axes of a left-handed file, nibabel (the server) does
+    not: such a pair has equal dimensions and differs here.
+    """
+    if not isinstance(geometry, dict) or geometry.get("affine") is None:
+        return "the server does not report the image's voxel-to-RAS matrix"
+    shape = [int(v) for v in geometry.get("shape") or []]
+    dims = [int(v) for v in dims_ijk]
+    if shape[:3] != dims or any(v != 1 for v in shape[3:]):
+        return f"the server's image has dimensions {shape}, the volume {dims}"
+    try:
+        affine = _matrix(geometry["affine"])
+    except (TypeError, ValueError) as exc:
+        return f"the server's voxel-to-RAS matrix is unreadable ({exc})"
+    corners = np.array([[i, j, k] for i in (0, dims[0] - 1) for j in (0, dims[1] - 1) for k in (0, dims[2] - 1)], float)
+    offsets = ijk_to_ras(corners, affine) - ijk_to_ras(corners, _matrix(volume_ijk_to_ras))
+    distance = float(np.max(np.linalg.norm(offsets, axis=1)))
+    if distance > atol:
+        return f"the server's voxels lie up to {distance:.3g} mm from the volume's (another orientation or origin)"
+    return None
