@@ -71,9 +71,11 @@ def _run_grpo(prefix: str, argv: list[str]) -> int:
 
 
 def _run_sft(prefix: str, argv: list[str]) -> int:
-    from transformers import TrainerCallback
-
+    from ibisagent._compat import ensure_torchvision
     from ibisagent_training import sft
+
+    ensure_torchvision()  # before transformers imports torchvision (a CPU-only torch)
+    from transformers import TrainerCallback
 
     real_build = sft.build_trainer
 

@@ -205,3 +205,53 @@ def test_sft_cli_help_and_errors(tmp_path, capsys):
     )
     assert main(["--config", str(cfg)]) == 2
     assert "no trajectories-*.jsonl files" in capsys.readouterr().err
+
+
+def _sft_options(trajectories, model_dir, out) -> list[str]:
+    options = {
+        "model_name_or_path": model_dir,
+        "trajectories": trajectories,
+        "history": "current",
+        "absent_fraction": 0,
+        "max_records": 4,
+        "output_dir": out,
+        "max_steps": 2,
+        "per_device_train_batch_size": 1,
+        "learning_rate": 3e-3,
+        "lr_scheduler_type": "linear",
+        "logging_steps": 1,
+        "save_steps": 1,
+        "report_to": "none",
+        "seed": 0,
+        "dataloader_num_workers": 0,
+        "dtype": "float32",
+        "gradient_checkpointing": False,
+    }
+    return ["--use_cpu", *(str(x) for k, v in options.items() for x in (f"--{k}", v))]
+
+
+def test_sft_with_two_processes_keeps_the_processes_in_step_and_resumes(trajectories, tiny, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` (gloo on CPU) through sft's own `main`: both processes hold
+    the same weights after every step, the learning rate follows the 1-process run's, and a run resumed from the
+    step-1 checkpoint reproduces the straight one."""
+    from tests.training import distributed_probe
+    from tests.training.launch import accelerate_launch, read_records
+
+    model_dir, _, _ = tiny
+    straight, resumed, single = tmp_path / "straight", tmp_path / "resumed", tmp_path / "single"
+    resume_options = [*_sft_options(trajectories, model_dir, resumed), "--resume_from_checkpoint"]
+    accelerate_launch(
+        ["tests.training.distributed_probe", "sft", str(straight), *_sft_options(trajectories, model_dir, straight)]
+    )
+    accelerate_launch(
+        ["tests.training.distributed_probe", "sft", str(resumed), *resume_options, str(straight / "checkpoint-1")]
+    )
+    assert distributed_probe.run("sft", str(single), _sft_options(trajectories, model_dir, single)) == 0
+    ranks = read_records(straight)
+    assert [[r["step"] for r in rank] for rank in ranks] == [[1, 2], [1, 2]]
+    for step in range(2):
+        assert ranks[0][step]["checksum"] == ranks[1][step]["checksum"], f"the processes differ after step {step + 1}"
+    (one,) = read_records(single, 1)
+    assert [r["lr"] for r in ranks[0]] == [r["lr"] for r in one] and one[0]["lr"] > one[1]["lr"]
+    for a, b in zip(ranks, read_records(resumed)):
+        assert [r["step"] for r in b] == [2] and b[0] == a[-1]  # the same weights and learning rate
