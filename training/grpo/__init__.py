@@ -29,7 +29,9 @@ Modules, as trl keeps a trainer's config apart from the trainer: `config` (GRPOA
 `rollout` (batched sampling, the token-keeping policy, scoring), `objective` (advantages, loss, log-probabilities,
 learning-rate schedule) and `trainer` (GRPOTrainer, checkpoints, metrics, the command line).
 
-Launch: `accelerate launch -m ibisagent_training.grpo --config grpo.yaml` (or `ibisagent-train grpo ...`).
+Launch: `accelerate launch -m ibisagent_training.grpo --config grpo.yaml` (or `ibisagent-train grpo ...`); with N
+processes `accelerate launch --multi_gpu --num_processes N -m ibisagent_training.grpo ...`, where `prompts_per_step`
+counts per process (each group on one process) and the schedule, metrics and checkpoints are the whole run's.
 """
 
 from ..common import IGNORE_INDEX

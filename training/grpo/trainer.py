@@ -138,6 +138,8 @@ class GRPOTrainer:
         return out
 
     def train_step(self) -> dict:
+        """One step: this process's rollouts, then one optimiser update per iteration (`num_iterations`) over every
+        process's sequences with a non-zero advantage, then the metrics of the whole step (the same on every process)."""
         import torch
         from accelerate.utils import gather_object
 
@@ -154,69 +156,22 @@ class GRPOTrainer:
             rollouts, timings = rollout(
                 model, self.processor, rows, args, self.tools, self.templates, self.reward_config
             )
-        except Exception as exc:  # noqa: BLE001 - raised below, once every process knows (the others would wait)
+        except Exception as exc:  # noqa: BLE001 - raised in _agree, once every process knows (the others would wait)
             failure = exc
         advantages = group_advantages([r.rewards["total"] for r in rollouts], args.num_generations, args.scale_rewards)
         for r, a in zip(rollouts, advantages):
             r.advantage = a
         t1 = time.perf_counter()
 
-        model.train()
         active = [i for i, a in enumerate(advantages) if a != 0.0]  # zero advantage: zero gradient (mu = 1 or not)
         chunks = [active[i : i + args.micro_batch_size] for i in range(0, len(active), args.micro_batch_size)]
         n_tokens = sum(len(seg.ids) for r in rollouts for seg in r.policy.segments if seg.model)
-        # What every process must know before the first DDP pass: whether a rollout failed, how many passes to run,
-        # and the loss normalisers over the whole step's rollouts.
-        local = [[failure is not None, len(chunks), n_tokens, len(rollouts)]]
-        local = torch.tensor(local, dtype=torch.long, device=acc.device)
-        table = acc.gather(local).view(-1, 4).tolist()  # one row per process
-        failed = [rank for rank, row in enumerate(table) if row[0]]
-        if failure is not None:
-            raise failure
-        if failed:
-            raise RolloutError(f"the rollout of process {failed} failed (see its error); no process trains this step")
-        passes = max(row[1] for row in table)
-        total_tokens, total_sequences = sum(row[2] for row in table), sum(row[3] for row in table)
+        passes, total_tokens, total_sequences = self._agree(failure, len(chunks), n_tokens, len(rollouts))
         # DDP averages the processes' gradients: dividing by norm / processes gives the gradient of the step's loss.
         norm = float(max(total_tokens, 1) if args.loss_type == "dapo" else total_sequences) / acc.num_processes
         # A process with fewer passes than another pads with zero-weight passes over one of its own sequences.
         plan = [(chunk, 1.0) for chunk in chunks] + [([0], 0.0)] * (passes - len(chunks))
-        encoded = {i: rollouts[i].policy.encoded() for chunk, _ in plan for i in chunk}
-        pad = pad_token_id(self.processor)
-        device = acc.device
-
-        def batch_of(chunk: list[int]) -> dict:
-            return {k: v.to(device) for k, v in collate([encoded[i] for i in chunk], pad).items()}
-
-        old = {}
-        if args.num_iterations > 1:
-            with torch.no_grad():  # the unwrapped model: no collective, so only this process's own chunks
-                for chunk in chunks:
-                    logps, _ = token_logps(model, batch_of(chunk), args.temperature)
-                    old.update({i: logps[j].detach() for j, i in enumerate(chunk)})
-        eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
-        loss_total, grad_norm, clipped = 0.0, 0.0, 0.0
-        for _ in range(args.num_iterations):
-            self.optimizer.zero_grad(set_to_none=True)
-            for k, (chunk, weight) in enumerate(plan):
-                # Gradients are accumulated locally and reduced once, in the last pass of the update.
-                with contextlib.nullcontext() if k == len(plan) - 1 else acc.no_sync(self.model):
-                    batch = batch_of(chunk)
-                    with acc.autocast():
-                        logps, mask = token_logps(self.model, batch, args.temperature)
-                    old_logps = torch.stack([old[i] for i in chunk]) if old and weight else logps.detach()
-                    adv = torch.tensor([advantages[i] for i in chunk], dtype=logps.dtype, device=device)
-                    loss = policy_loss(logps, old_logps, adv, mask, args.epsilon, eps_high, args.loss_type, norm)
-                    acc.backward(loss * weight)
-                if weight:
-                    loss_total += float(loss.detach())
-                    ratio = torch.exp(logps.detach() - old_logps)
-                    clipped += float((((ratio < 1 - args.epsilon) | (ratio > 1 + eps_high)) & mask).sum())
-            if plan:  # the same decision on every process: passes is agreed
-                if args.max_grad_norm:
-                    grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), args.max_grad_norm))
-                self.optimizer.step()
-            self.scheduler.step()  # once per update, trained or not, whatever the number of processes
+        loss_total, grad_norm, clipped = self._update(rollouts, plan, norm)
         self.step += 1
         t2 = time.perf_counter()
         share = {
@@ -243,6 +198,67 @@ class GRPOTrainer:
             **seconds,
         )
         return metrics
+
+    def _agree(self, failure: BaseException | None, passes: int, tokens: int, sequences: int) -> tuple[int, int, int]:
+        """What every process must know before the first DDP pass, in one collective: whether a rollout failed (then
+        every process raises), the most passes any process runs, and the step's model tokens and sequences."""
+        import torch
+
+        local = [[failure is not None, passes, tokens, sequences]]
+        local = torch.tensor(local, dtype=torch.long, device=self.accelerator.device)
+        table = self.accelerator.gather(local).view(-1, 4).tolist()  # one row per process
+        if failure is not None:
+            raise failure
+        failed = [str(rank) for rank, row in enumerate(table) if row[0]]
+        if failed:
+            raise RolloutError(f"the rollout on process {', '.join(failed)} failed (see its error); no process trains")
+        return max(row[1] for row in table), sum(row[2] for row in table), sum(row[3] for row in table)
+
+    def _update(self, rollouts: list[Rollout], plan: list[tuple[list[int], float]], norm: float):
+        """`num_iterations` optimiser updates, each one forward/backward pass per (chunk of rollout indices, weight)
+        of `plan`, the same number on every process, gradients reduced once per update. Returns this process's
+        summed loss, the gradient norm before clipping and the number of clipped tokens."""
+        import torch
+
+        args, acc = self.args, self.accelerator
+        model = acc.unwrap_model(self.model)
+        model.train()
+        pad, device = pad_token_id(self.processor), acc.device
+        encoded = {i: rollouts[i].policy.encoded() for chunk, _ in plan for i in chunk}
+
+        def batch_of(chunk: list[int]) -> dict:
+            return {k: v.to(device) for k, v in collate([encoded[i] for i in chunk], pad).items()}
+
+        old = {}
+        if args.num_iterations > 1:
+            with torch.no_grad():  # the unwrapped model: no collective, so only this process's own chunks
+                for chunk in (chunk for chunk, weight in plan if weight):
+                    logps, _ = token_logps(model, batch_of(chunk), args.temperature)
+                    old.update({i: logps[j].detach() for j, i in enumerate(chunk)})
+        eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+        loss_total, grad_norm, clipped = 0.0, 0.0, 0.0
+        for _ in range(args.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            for k, (chunk, weight) in enumerate(plan):
+                # Gradients are accumulated locally and reduced once, in the last pass of the update.
+                with contextlib.nullcontext() if k == len(plan) - 1 else acc.no_sync(self.model):
+                    batch = batch_of(chunk)
+                    with acc.autocast():
+                        logps, mask = token_logps(self.model, batch, args.temperature)
+                    old_logps = torch.stack([old[i] for i in chunk]) if old and weight else logps.detach()
+                    adv = torch.tensor([rollouts[i].advantage for i in chunk], dtype=logps.dtype, device=device)
+                    loss = policy_loss(logps, old_logps, adv, mask, args.epsilon, eps_high, args.loss_type, norm)
+                    acc.backward(loss * weight)
+                if weight:
+                    loss_total += float(loss.detach())
+                    ratio = torch.exp(logps.detach() - old_logps)
+                    clipped += float((((ratio < 1 - args.epsilon) | (ratio > 1 + eps_high)) & mask).sum())
+            if plan:  # the same on every process: the number of passes is agreed
+                if args.max_grad_norm:
+                    grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), args.max_grad_norm))
+                self.optimizer.step()
+            self.scheduler.step()  # once per update, trained or not, whatever the number of processes
+        return loss_total, grad_norm, clipped
 
     # -- checkpoints --------------------------------------------------------------------------------------------------
     def save_model(self, folder: str | Path) -> None:

@@ -37,8 +37,8 @@ def _options(root, model_dir, traj, mode: str, out) -> list[str]:
     }
     if mode == "multi_turn":  # a VQA prompt and a segmentation prompt on each process
         common.update(data=root / "shapes", max_turns=2, vqa_file=root / "vqa.json", vqa_fraction=0.5)
-    else:
-        common.update(data=traj)
+    else:  # two updates per step (old log-probabilities kept) and per-sequence loss weighting
+        common.update(data=traj, num_iterations=2, loss_type="grpo")
     return ["--mode", mode, *(str(x) for k, v in common.items() for x in (f"--{k}", v))]
 
 
