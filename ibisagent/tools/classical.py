@@ -69,7 +69,8 @@ class ClassicalParams:
     first_offset: float = 4.0
     reach_scale: float = 2.0  # later click's reach = reach_scale * depth in the error + reach_offset ...
     reach_offset: float = 6.0
-    cap_scale: float = 1.5  # ... capped at cap_scale * the click's ray radius + first_offset
+    cap_scale: float = 4.0  # ... capped at cap_scale (positive click) or cap_negative (negative click)
+    cap_negative: float = 1.5  # times the click's ray radius, + first_offset
     edge_scale: float = 1.5  # geodesic cost 1 + (gradient / (edge_scale * local median gradient))^2
     claim_tol: float = 1.5  # a claim keeps pixels within claim_tol * the seed tolerance of the click's colour
     window_margin: float = 1.2  # claim window half-width = window_margin * reach + 4
@@ -160,7 +161,7 @@ class ClassicalTool(SegmentationTool):
             reach = p.reach_scale * depth + p.reach_offset
             # The depth overestimates the error when the click lies on a separate part of the object (positive) or
             # in a wide leak (negative): the reach is capped by the extent of the click's own colour region.
-            cap = p.cap_scale * self._ray_radius(r, c) + p.first_offset
+            cap = (p.cap_scale if new.positive else p.cap_negative) * self._ray_radius(r, c) + p.first_offset
             if cap < reach:
                 reach, depth = cap, min(depth, cap)
         box, claim = self._claim(new, clicks, reach)
