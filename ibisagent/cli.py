@@ -125,6 +125,20 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--target", default="lesion", help="volumes: target name in the question (default lesion)")
     bench.add_argument("--label-value", type=int, help="volumes: the foreground label (default: every label > 0)")
+    vol = ev.add_argument_group("volumes in 3D (--volume)")
+    vol.add_argument(
+        "--volume",
+        action="store_true",
+        help="segment whole volumes: key slice, propagation, audit, repair; --baselines from propagate, "
+        "audit-repair, oracle-repair, slice-2d (see ibisagent.evaluation.volumes)",
+    )
+    vol.add_argument("--repair-budget", type=int, default=5, help="slices repaired per volume at most (default 5)")
+    vol.add_argument(
+        "--target-dice",
+        type=float,
+        default=0.85,
+        help="oracle-repair fixes slices below this Dice; slice-2d clicks each slice to it (default 0.85)",
+    )
     _add_vlm_args(ev.add_argument_group("agent policy (with --model)"))
     _add_tool_args(ev)
     return parser
@@ -284,9 +298,10 @@ def _eval(args: argparse.Namespace) -> int:
 
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     if not args.model and not baselines:
-        raise UsageError(
-            "nothing to evaluate: give the agent (--model <checkpoint>) and/or --baselines oracle,box,center"
-        )
+        examples = "propagate,audit-repair,oracle-repair,slice-2d" if args.volume else "oracle,box,center"
+        raise UsageError(f"nothing to evaluate: give the agent (--model <checkpoint>) and/or --baselines {examples}")
+    if args.volume:
+        return _eval_volumes(args, baselines)
     for name, value, low in (("--max-steps", args.max_steps, 1), ("--max-invalid", args.max_invalid, 1)):
         if value < low:
             raise UsageError(f"{name} must be at least {low}, got {value}")
@@ -351,6 +366,68 @@ def _eval(args: argparse.Namespace) -> int:
     failures = sum(1 for r in rows if r["failure"])
     print(f"{failures} failure(s) in {len(rows)} case x method rows; see results.csv" if failures else "no failures")
     print(f"wrote {', '.join(sorted(paths))}, results.csv, masks/ and trajectories/ in {args.out}")
+    return 0
+
+
+def _eval_volumes(args: argparse.Namespace, baselines: list[str]) -> int:
+    """`eval --volume`: whole volumes in 3D (`ibisagent.evaluation.volumes`)."""
+    from ibisagent.evaluation.cases import read_volumes
+    from ibisagent.evaluation.runner import write_run_info
+    from ibisagent.evaluation.volumes import (
+        VolumeSettings,
+        agent_volume_method,
+        evaluate_volumes,
+        volume_methods,
+        write_volume_summary,
+    )
+    from ibisagent.tools import build_propagator
+
+    for name, value, low in (("--max-steps", args.max_steps, 1), ("--repair-budget", args.repair_budget, 0)):
+        if value < low:
+            raise UsageError(f"{name} must be at least {low}, got {value}")
+    for name, value in (("--oracle-stop-iou", args.oracle_stop_iou), ("--target-dice", args.target_dice)):
+        if not 0 < value <= 1:
+            raise UsageError(f"{name} must be in (0, 1], got {value}")
+    if args.format not in ("auto", "volumes"):
+        raise UsageError(f"--volume reads volumes (.npz or NIfTI), not --format {args.format}")
+    if not args.resume and (Path(args.out) / "results.csv").exists():  # before run.json is rewritten
+        raise UsageError(
+            f"{Path(args.out) / 'results.csv'} exists; pass --resume to continue that run, or choose another --out"
+        )
+    cases = read_volumes(args.benchmark, args.labels, args.window, args.modality or "CT", args.target, args.label_value)
+    cases = cases[: args.limit] if args.limit else cases
+    methods = volume_methods(baselines)
+    if args.model:
+        methods.insert(0, agent_volume_method(_vlm_policy(args), f"{args.model} ({args.dialect} dialect)"))
+    tool = _tool(args)
+    propagator = build_propagator(tool, args.checkpoint, args.tool_config, args.device)
+    settings = VolumeSettings(args.oracle_stop_iou, args.target_dice, args.repair_budget, args.max_steps)
+    write_run_info(
+        args.out,
+        {
+            "benchmark": str(Path(args.benchmark).resolve()),
+            "format": "volumes-3d",
+            "tool": args.tool,
+            "checkpoint": args.checkpoint,
+            "tool_config": args.tool_config,
+            "max_steps": args.max_steps,
+            "settings": {**vars(settings), "window": args.window, "label_value": args.label_value, "model": args.model},
+            "method_labels": {m.name: m.label for m in methods},
+            "cases": len(cases),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": "ibisagent " + " ".join(sys.argv[1:]),
+        },
+        args.resume,
+    )
+    print(f"eval: {len(cases)} volumes x {', '.join(m.name for m in methods)} with the {args.tool} tool -> {args.out}")
+    rows = evaluate_volumes(
+        cases, methods, tool, propagator, args.out, settings, resume=args.resume, progress=not args.no_progress
+    )
+    summary = write_volume_summary(args.out, rows, methods)
+    print(summary.read_text().split("## Overall")[-1].strip())
+    failures = sum(1 for r in rows if r["failure"])
+    print(f"{failures} failure(s) in {len(rows)} volume x method rows; see results.csv" if failures else "no failures")
+    print(f"wrote summary.md, results.csv and records/ in {args.out}")
     return 0
 
 

@@ -444,3 +444,54 @@ def test_agent_failures_are_counted(tmp_path):
     overall = {s["method"]: s for s in _csv(out / "summary.csv") if s["group_by"] == "overall"}
     assert int(overall["agent"]["failures"]) == int(bool(agent["failure"]))
     assert int(overall["agent"][agent["failure"] or "no_mask"]) == int(bool(agent["failure"]))
+
+
+@needs_recist
+def test_volume_reader_npz_and_nifti_give_the_same_voxels(tmp_path):
+    from ibisagent.evaluation.cases import read_volumes
+    from ibisagent.geometry import take_slice
+
+    npz = RECIST / "CT_Lesion_000002_03_01_035-047.npz"
+    with np.load(npz) as data:
+        imgs, gts = data["imgs"], data["gts"]
+    (case,) = read_volumes(npz)
+    volume, gt = case.load()
+    assert volume.shape == gt.shape == imgs.shape[::-1] and case.axis == 2
+    assert np.array_equal(take_slice(volume, 4, 2), imgs[4]) and np.array_equal(take_slice(gt, 4, 2), gts[4] > 0)
+    assert len(read_volumes(RECIST)) == len(list(RECIST.glob("*.npz")))
+    import nibabel as nib
+
+    hu = imgs.astype(np.float32) / 255 * 400 - 160
+    nib.save(nib.Nifti1Image(hu.transpose(2, 1, 0), np.eye(4)), tmp_path / "v.nii.gz")
+    nib.save(nib.Nifti1Image(gts.transpose(2, 1, 0), np.eye(4)), tmp_path / "v_seg.nii.gz")
+    (nii,) = read_volumes(tmp_path)
+    nvol, ngt = nii.load()
+    assert np.abs(nvol.astype(int) - volume).max() <= 1 and np.array_equal(ngt, gt)
+    with pytest.raises(BenchmarkError, match="no volume holds label 7"):
+        read_volumes(npz, label_value=7)
+
+
+@needs_recist
+def test_eval_cli_on_volumes_in_3d(tmp_path, capsys):
+    from ibisagent.evaluation.volumes import VOLUME_RESULTS
+    from ibisagent.volume import VolumeRecord
+
+    out = tmp_path / "out3d"
+    npz = RECIST / "CT_Lesion_000001_02_01_008-023.npz"
+    argv = ["eval", str(npz), "--volume", "--baselines", "propagate,oracle-repair,slice-2d", "--out", str(out)]
+    assert main([*argv, "--no-progress", "--max-steps", "5", "--repair-budget", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "| propagate | 1 |" in printed and "clicks / volume" in printed
+    rows = read_results(out / "results.csv", VOLUME_RESULTS)
+    assert [r["method"] for r in rows] == ["propagate", "oracle-repair", "slice-2d"]
+    by = {r["method"]: r for r in rows}
+    assert by["propagate"]["slices_repaired"] == 0 and by["oracle-repair"]["slices_repaired"] <= 2
+    assert by["oracle-repair"]["dice3d"] >= by["propagate"]["dice3d"] and by["slice-2d"]["clicks"] > 0
+    assert by["propagate"]["slices_labelled"] == 7 and by["propagate"]["key_slice"] == 9
+    record = VolumeRecord.from_json(out / by["oracle-repair"]["record"])
+    assert record.key_slice == 9 and record.volume_shape == (512, 512, 16)
+    assert main([*argv, "--no-progress"]) == 2  # results.csv exists: not overwritten without --resume
+    assert main([*argv, "--no-progress", "--max-steps", "5", "--repair-budget", "2", "--resume"]) == 0
+    assert "exists" in capsys.readouterr().err
+    assert main(["eval", str(npz), "--volume", "--baselines", "oracle", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown volume baseline" in capsys.readouterr().err

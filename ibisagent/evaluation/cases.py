@@ -415,57 +415,10 @@ def read_volume_slices(
              uint8 npz images are used as stored (MedSAM2's files are windowed already).
     label_value: the foreground label (None: every label > 0).
     """
-    source = Path(source)
-    labels = Path(labels) if labels is not None else None
-    if not source.exists():
-        raise BenchmarkError(f"{source}: no such file or folder")
     bounds = parse_window(window) if isinstance(window, str) else window
-    if source.is_file() and source.suffix.lower() == ".npz" or source.is_dir() and any(source.glob("*.npz")):
-        files = [source] if source.is_file() else sorted(source.glob("*.npz"))
-        volumes = [(f, f, "npz") for f in files]
-    else:
-        volumes = [(i, lab, "nifti") for i, lab in _nifti_pairs(source, labels)]
-    if not volumes:
-        raise BenchmarkError(
-            f"{source}: no volumes found; give .npz files (imgs, gts) or NIfTI volumes with labels "
-            "(--labels, imagesTr/ + labelsTr/, or <name>_seg.nii.gz beside <name>.nii.gz)"
-        )
     cases = []
-    for image, label, kind in volumes:
-        if kind == "npz":
-            try:
-                with np.load(image) as data:
-                    missing = [k for k in ("imgs", "gts") if k not in data.files]
-                    if missing:
-                        raise BenchmarkError(f"{image}: no {' or '.join(missing)} array; expected imgs and gts (D×H×W)")
-                    gts = data["gts"]
-                    if gts.ndim != 3 or data["imgs"].shape[:3] != gts.shape:
-                        raise BenchmarkError(
-                            f"{image}: imgs {data['imgs'].shape} and gts {gts.shape} must both be D×H×W of one size"
-                        )
-            except (OSError, ValueError) as exc:
-                if isinstance(exc, BenchmarkError):
-                    raise
-                raise BenchmarkError(f"{image}: not a readable .npz file ({exc})") from None
-            fg = gts > 0 if label_value is None else gts == label_value
-            areas = fg.reshape(len(fg), -1).sum(1)
-        else:
-            import nibabel as nib
-
-            try:
-                vol = np.asanyarray(nib.load(str(label)).dataobj)
-                shape = nib.load(str(image)).shape
-            except Exception as exc:  # nibabel raises many types for corrupt files
-                raise BenchmarkError(f"{label}: not a readable NIfTI label volume ({exc})") from None
-            if vol.ndim == 4 and vol.shape[3] == 1:
-                vol = vol[..., 0]
-            if vol.ndim != 3 or tuple(shape[:3]) != vol.shape:
-                raise BenchmarkError(
-                    f"{label}: label volume shape {vol.shape} does not match the image volume {image} ({shape})"
-                )
-            vol = np.rint(vol)
-            fg = vol > 0 if label_value is None else vol == label_value
-            areas = fg.sum((0, 1))
+    for image, label, kind, fg in _labelled_volumes(source, labels, label_value):
+        areas = fg.reshape(len(fg), -1).sum(1) if kind == "npz" else fg.sum((0, 1))
         for index in _pick_slices(areas, slices):
             cases.append(
                 Case(
@@ -483,8 +436,145 @@ def read_volume_slices(
                 )
             )
     if not cases:
-        which = "any label > 0" if label_value is None else f"label {label_value}"
-        raise BenchmarkError(f"{source}: no slice of {len(volumes)} volume(s) holds {which}; check --label-value")
+        raise BenchmarkError(f"{source}: no slice of any volume holds {_which(label_value)}; check --label-value")
+    return _unique(cases)
+
+
+def _which(label_value: int | None) -> str:
+    return "any label > 0" if label_value is None else f"label {label_value}"
+
+
+def _volume_files(source: Path, labels: Path | None) -> list[tuple[Path, Path, str]]:
+    """(image, label, "npz" | "nifti") of every volume at `source` (see `read_volume_slices`)."""
+    if not source.exists():
+        raise BenchmarkError(f"{source}: no such file or folder")
+    if source.is_file() and source.suffix.lower() == ".npz" or source.is_dir() and any(source.glob("*.npz")):
+        files = [source] if source.is_file() else sorted(source.glob("*.npz"))
+        volumes = [(f, f, "npz") for f in files]
+    else:
+        volumes = [(i, lab, "nifti") for i, lab in _nifti_pairs(source, labels)]
+    if not volumes:
+        raise BenchmarkError(
+            f"{source}: no volumes found; give .npz files (imgs, gts) or NIfTI volumes with labels "
+            "(--labels, imagesTr/ + labelsTr/, or <name>_seg.nii.gz beside <name>.nii.gz)"
+        )
+    return volumes
+
+
+def _labelled_volumes(source, labels, label_value: int | None):
+    """(image, label, kind, foreground) per volume at `source`, checked: npz foreground is D×H×W (as stored), NIfTI
+    foreground is (I, J, K)."""
+    source = Path(source)
+    labels = Path(labels) if labels is not None else None
+    for image, label, kind in _volume_files(source, labels):
+        if kind == "npz":
+            try:
+                with np.load(image) as data:
+                    missing = [k for k in ("imgs", "gts") if k not in data.files]
+                    if missing:
+                        raise BenchmarkError(f"{image}: no {' or '.join(missing)} array; expected imgs and gts (D×H×W)")
+                    gts = data["gts"]
+                    if gts.ndim != 3 or data["imgs"].shape[:3] != gts.shape:
+                        raise BenchmarkError(
+                            f"{image}: imgs {data['imgs'].shape} and gts {gts.shape} must both be D×H×W of one size"
+                        )
+            except (OSError, ValueError) as exc:
+                if isinstance(exc, BenchmarkError):
+                    raise
+                raise BenchmarkError(f"{image}: not a readable .npz file ({exc})") from None
+            fg = gts > 0 if label_value is None else gts == label_value
+        else:
+            import nibabel as nib
+
+            try:
+                vol = np.asanyarray(nib.load(str(label)).dataobj)
+                shape = nib.load(str(image)).shape
+            except Exception as exc:  # nibabel raises many types for corrupt files
+                raise BenchmarkError(f"{label}: not a readable NIfTI label volume ({exc})") from None
+            if vol.ndim == 4 and vol.shape[3] == 1:
+                vol = vol[..., 0]
+            if vol.ndim != 3 or tuple(shape[:3]) != vol.shape:
+                raise BenchmarkError(
+                    f"{label}: label volume shape {vol.shape} does not match the image volume {image} ({shape})"
+                )
+            vol = np.rint(vol)
+            fg = vol > 0 if label_value is None else vol == label_value
+        yield image, label, kind, fg
+
+
+@dataclass(frozen=True)
+class VolumeCase:
+    """One volume to segment in 3D: the image volume, its label volume and the target.
+
+    source: "npz" (MedSAM2 layout, `imgs`/`gts` D×H×W: loaded as (I, J, K) = (W, H, D), so that axis-2 slices
+            are the stored D slices, rows = y) or "nifti" (voxel order as stored; axial = axis 2).
+    window: as `Case.window`; None: percentiles of the whole volume (uint8 npz images are used as stored).
+    """
+
+    case_id: str
+    question: str
+    target: str
+    modality: str
+    image: Path
+    mask: Path
+    source: str
+    label_value: int | None = None
+    window: tuple[float, float] | None = None
+    axis: int = 2
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["image"], d["mask"] = str(self.image), str(self.mask)
+        d["window"] = None if self.window is None else list(self.window)
+        return d
+
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
+        """(image volume (I, J, K), ground truth (I, J, K) bool)."""
+        if self.source == "npz":
+            with np.load(self.image) as data:
+                image, labels = data["imgs"].transpose(2, 1, 0), data["gts"].transpose(2, 1, 0)
+            if image.dtype != np.uint8:
+                image = _window(image, self.window)
+        elif self.source == "nifti":
+            import nibabel as nib
+
+            image = np.asarray(nib.load(str(self.image)).dataobj, np.float32)  # scl_slope/scl_inter applied
+            labels = np.rint(np.asanyarray(nib.load(str(self.mask)).dataobj))
+            image, labels = (a[..., 0] if a.ndim == 4 and a.shape[3] == 1 else a for a in (image, labels))
+            image = _window(image, self.window)
+        else:
+            raise BenchmarkError(f"case {self.case_id}: unknown source {self.source!r}")
+        gt = labels > 0 if self.label_value is None else labels == self.label_value
+        return np.ascontiguousarray(image), np.ascontiguousarray(gt)
+
+
+def read_volumes(
+    source: str | Path,
+    labels: str | Path | None = None,
+    window: str | tuple[float, float] | None = "soft-tissue",
+    modality: str = "CT",
+    target: str = "lesion",
+    label_value: int | None = None,
+) -> list[VolumeCase]:
+    """3D cases: every volume at `source` (as `read_volume_slices` finds them) whose label holds the target."""
+    bounds = parse_window(window) if isinstance(window, str) else window
+    cases = [
+        VolumeCase(
+            case_id=_safe_id(_stem(image)),
+            question=f"Segment the {target}.",
+            target=target,
+            modality=modality,
+            image=image,
+            mask=label,
+            source=kind,
+            label_value=label_value,
+            window=bounds,
+        )
+        for image, label, kind, fg in _labelled_volumes(source, labels, label_value)
+        if fg.any()
+    ]
+    if not cases:
+        raise BenchmarkError(f"{source}: no volume holds {_which(label_value)}; check --label-value")
     return _unique(cases)
 
 

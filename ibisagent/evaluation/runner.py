@@ -289,11 +289,25 @@ def _failure(trajectory: Trajectory | None, error: str, row: dict) -> tuple[str,
 
 
 # -- results.csv -----------------------------------------------------------------------------------------------------
-def _to_csv(row: dict) -> dict:
+@dataclass(frozen=True)
+class ResultSchema:
+    """The columns of a results.csv and how to type them back: 2D cases (`RESULTS`) and volumes
+    (`ibisagent.evaluation.volumes.VOLUME_RESULTS`) share the writer, the reader and resuming."""
+
+    fields: tuple[str, ...]
+    floats: tuple[str, ...]
+    ints: tuple[str, ...]
+    lists: tuple[str, ...]
+
+
+RESULTS = ResultSchema(RESULT_FIELDS, _FLOATS, _INTS, _LISTS)
+
+
+def _to_csv(row: dict, schema: ResultSchema = RESULTS) -> dict:
     out = {}
-    for k in RESULT_FIELDS:
+    for k in schema.fields:
         v = row.get(k, "")
-        if k in _LISTS:
+        if k in schema.lists:
             v = ";".join(repr(float(x)) for x in v)
         elif isinstance(v, float):
             v = repr(v)
@@ -301,23 +315,23 @@ def _to_csv(row: dict) -> dict:
     return out
 
 
-def _from_csv(raw: dict) -> dict:
+def _from_csv(raw: dict, schema: ResultSchema = RESULTS) -> dict:
     row = dict(raw)
-    for k in _FLOATS:
+    for k in schema.floats:
         row[k] = float(row[k])
-    for k in _INTS:
+    for k in schema.ints:
         row[k] = int(row[k])
-    for k in _LISTS:
+    for k in schema.lists:
         row[k] = [float(x) for x in row[k].split(";") if x]
     return row
 
 
-def read_results(path: str | Path) -> list[dict]:
+def read_results(path: str | Path, schema: ResultSchema = RESULTS) -> list[dict]:
     """Rows of a results.csv, typed (floats, ints, IoU lists). A last line cut short by a killed run is dropped."""
     path = Path(path)
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != RESULT_FIELDS:
+        if tuple(reader.fieldnames or ()) != schema.fields:
             raise BenchmarkError(
                 f"{path}: its columns are not those of this IBISAgent's results.csv; evaluate into a new --out folder"
             )
@@ -326,19 +340,34 @@ def read_results(path: str | Path) -> list[dict]:
             if None in raw.values() or None in raw:
                 continue
             try:
-                rows.append(_from_csv(raw))
+                rows.append(_from_csv(raw, schema))
             except ValueError:
                 continue
     return rows
 
 
-def _write_rows(path: Path, rows: list[dict], mode: str) -> None:
+def _write_rows(path: Path, rows: list[dict], mode: str, schema: ResultSchema = RESULTS) -> None:
     with open(path, mode, newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=schema.fields)
         if mode == "w":
             writer.writeheader()
-        writer.writerows(_to_csv(r) for r in rows)
+        writer.writerows(_to_csv(r, schema) for r in rows)
         f.flush()
+
+
+def open_results(out_dir: Path, resume: bool, schema: ResultSchema = RESULTS) -> tuple[Path, dict]:
+    """(results.csv path, {(case_id, method): row} done earlier). Without `resume` an existing results.csv is an
+    error (nothing is overwritten by accident); the file is rewritten clean (drops a line cut short by a kill)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = out_dir / "results.csv"
+    done: dict[tuple[str, str], dict] = {}
+    if results.exists():
+        if not resume:
+            raise BenchmarkError(f"{results} exists; pass --resume to continue that run, or choose another --out")
+        for r in read_results(results, schema):
+            done[(r["case_id"], r["method"])] = r
+    _write_rows(results, list(done.values()), "w", schema)
+    return results, done
 
 
 # -- the run ---------------------------------------------------------------------------------------------------------
@@ -419,15 +448,7 @@ def evaluate(
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = out_dir / "results.csv"
-    done: dict[tuple[str, str], dict] = {}
-    if results.exists():
-        if not resume:
-            raise BenchmarkError(f"{results} exists; pass --resume to continue that run, or choose another --out")
-        for r in read_results(results):
-            done[(r["case_id"], r["method"])] = r
-    _write_rows(results, list(done.values()), "w")  # rewritten clean: drops a line cut short by a killed run
+    results, done = open_results(out_dir, resume)
 
     encoded_key, encode_s = None, 0.0
     bar = tqdm(cases, desc="eval", unit="case", file=sys.stderr, disable=not progress, dynamic_ncols=True)
@@ -464,21 +485,27 @@ def evaluate(
         _write_rows(results, new, "a")
         for r in new:
             done[(r["case_id"], r["method"])] = r
-        bar.set_postfix_str(_running_iou(done.values(), methods))
+        bar.set_postfix_str(running_mean(done.values(), methods))
+    return ordered_rows(done, cases, methods)
+
+
+def ordered_rows(done: dict, cases: Sequence, methods: Sequence) -> list[dict]:
+    """The rows of `done` for these cases and methods, in case x method order."""
     order = {c.case_id: i for i, c in enumerate(cases)}
     morder = {m.name: i for i, m in enumerate(methods)}
     rows = [r for r in done.values() if r["case_id"] in order and r["method"] in morder]
     return sorted(rows, key=lambda r: (order[r["case_id"]], morder[r["method"]]))
 
 
-def _running_iou(rows, methods: Sequence[Method]) -> str:
+def running_mean(rows, methods: Sequence, key: str = "iou", label: str = "IoU") -> str:
+    """The progress bar's text: the mean `key` per method so far."""
     rows = list(rows)
     parts = []
     for m in methods:
-        values = [r["iou"] for r in rows if r["method"] == m.name]
+        values = [r[key] for r in rows if r["method"] == m.name]
         if values:
             parts.append(f"{m.name} {sum(values) / len(values):.3f}")
-    return "IoU " + ", ".join(parts) if parts else ""
+    return f"{label} " + ", ".join(parts) if parts else ""
 
 
 def _error_row(case: Case, method: Method, message: str, out_dir: Path, noc_max: int) -> dict:

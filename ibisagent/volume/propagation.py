@@ -82,7 +82,7 @@ class ToolPropagator:
         self,
         tool: SegmentationTool,
         use_prior: bool = False,
-        growth: float = 0.35,
+        growth: float = 0.15,
         tolerance: float = 3.0,
         min_support: float = 0.2,
     ):
