@@ -1,0 +1,91 @@
+"""Issue #21's numbers for volumes: 3D Dice of propagation alone and with repair, clicks per volume against
+slice-by-slice 2D to the same Dice, seconds per propagated slice (classical and SAM2 with random weights), and peak
+memory of classical propagation through a 512x512xD volume.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_volume.py                 # all parts (~3 min on 2 cores)
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_volume.py --skip-sam2 --depth 60
+
+Part 1 runs `ibisagent.evaluation.volumes` (the `ibisagent eval --volume` methods) on the 6 RECIST CT volumes with
+the classical tool. Goal (issue #21): 3D Dice >= 0.85 with fewer than half the clicks of slice-2d.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+
+import numpy as np
+from _paths import SHARED_DATA
+
+from ibisagent.evaluation.cases import read_volumes
+from ibisagent.evaluation.volumes import VolumeSettings, evaluate_volumes, volume_methods, volume_summary
+from ibisagent.tools.classical import ClassicalTool
+from ibisagent.volume import SliceStack, ToolPropagator
+
+RECIST = SHARED_DATA / "medsam2-recist-npz"
+
+
+def seconds_per_slice(propagator, volume: np.ndarray, gt: np.ndarray) -> float:
+    """Propagate the largest ground-truth slice's mask over the whole volume (both ways); seconds per slice."""
+    stack = SliceStack(volume, 2)
+    propagator.set_volume(stack)
+    key = int(np.argmax(gt.sum((0, 1))))
+    propagator.add_anchor(key, gt[:, :, key].T)
+    t0, n = time.perf_counter(), 0
+    for direction, stop in ((1, len(stack) - 1), (-1, 0)):
+        if key != stop:
+            n += sum(1 for _ in propagator.propagate(key, direction, stop))
+    propagator.close()
+    return (time.perf_counter() - t0) / max(n, 1)
+
+
+def peak_memory(depth: int) -> tuple[float, float]:
+    """(seconds per slice, peak RSS growth in MB) of classical propagation through a synthetic 512x512x`depth`
+    uint8 volume holding an ellipsoid."""
+    i, j, k = np.ogrid[:512, :512, :depth]
+    blob = ((i - 256) / 60.0) ** 2 + ((j - 240) / 45.0) ** 2 + ((k - depth / 2) / (depth / 2.5)) ** 2 <= 1
+    rng = np.random.default_rng(0)
+    volume = np.clip(60 + 100 * blob + rng.normal(0, 8, blob.shape), 0, 255).astype(np.uint8)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    spent = seconds_per_slice(ToolPropagator(ClassicalTool()), volume, blob)
+    return spent, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--depth", type=int, default=200, help="slices of the synthetic volume (default 200)")
+    parser.add_argument("--skip-sam2", action="store_true", help="no SAM2 timing")
+    parser.add_argument("--repair-budget", type=int, default=5)
+    args = parser.parse_args()
+    if not RECIST.is_dir():
+        print(f"RECIST volumes not found at {RECIST}", file=sys.stderr)
+        return 1
+    cases = read_volumes(RECIST)
+    tool = ClassicalTool()
+    methods = volume_methods(["propagate", "audit-repair", "oracle-repair", "slice-2d"])
+    with tempfile.TemporaryDirectory() as out:
+        rows = evaluate_volumes(
+            cases, methods, tool, ToolPropagator(tool), out, VolumeSettings(repair_budget=args.repair_budget),
+            progress=False,
+        )  # fmt: skip
+    print(f"## {len(cases)} RECIST CT volumes, classical tool, repair budget {args.repair_budget}\n")
+    print(volume_summary(rows, [m.name for m in methods]))
+    volume, gt = cases[1].load()
+    print(
+        f"\nclassical propagation: {seconds_per_slice(ToolPropagator(ClassicalTool()), volume, gt):.3f} s/slice (512x512)"
+    )
+    if not args.skip_sam2:
+        from ibisagent.tools.sam2_video import SAM2VideoPropagator
+
+        sam2 = SAM2VideoPropagator.from_checkpoint(None, medsam2=True)
+        print(f"MedSAM2 video propagation, random weights: {seconds_per_slice(sam2, volume, gt):.3f} s/slice (512x512)")
+    spent, peak = peak_memory(args.depth)
+    print(f"classical propagation through 512x512x{args.depth}: {spent:.3f} s/slice, peak RSS +{peak:.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
