@@ -1056,7 +1056,7 @@ class IBISAgentTest(ScriptedLoadableModuleTest):
             # the NIfTI written by IBISAgentLib (what the server receives) holds the same physical voxels in Slicer
             with tempfile.TemporaryDirectory() as folder:
                 path = write_nifti(os.path.join(folder, "roundtrip.nii.gz"), array, logic.ijkToRasMatrix(volume, False))
-                loaded = slicer.modules.volumes.logic().AddArchetypeVolume(path, "roundtrip")
+                loaded = slicer.modules.volumes.logic().AddArchetypeVolume(str(path), "roundtrip")
                 self.assertIsNotNone(loaded, f"Slicer could not read the NIfTI written for {label}")
                 self._assertSamePhysicalVoxels(loaded, volume)
                 slicer.mrmlScene.RemoveNode(loaded)

@@ -125,3 +125,42 @@ def geometries(spacing):
     oblique[:3, :3] = rz @ rx @ np.diag([sx, sy, sz])
     oblique[:3, 3] = (-10.0, 5.0, 40.0)
     return {"rh": rh, "lh": lh, "oblique": oblique}
+
+
+def vtk_array(m: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def to_world(node) -> np.ndarray:
+    """The node's parent transforms to world, from Slicer (identity when it has none)."""
+    transform = node.GetParentTransformNode()
+    if transform is None:
+        return np.eye(4)
+    m = vtk.vtkMatrix4x4()
+    transform.GetMatrixTransformToWorld(m)
+    return vtk_array(m)
+
+
+def homogeneous(points) -> np.ndarray:
+    points = np.asarray(points, float).reshape(-1, 3)
+    return np.c_[points, np.ones(len(points))]
+
+
+def segment_world_points(segmentation, segment_id) -> np.ndarray:
+    """World RAS of the centres of the segment's voxels, as Slicer exports the segment (its own geometry)."""
+    labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segment_id)
+    assert slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode(segmentation, ids, labelmap)
+    kji = np.argwhere(slicer.util.arrayFromVolume(labelmap) > 0)
+    m = vtk.vtkMatrix4x4()
+    labelmap.GetIJKToRASMatrix(m)
+    world = to_world(labelmap) @ vtk_array(m)
+    slicer.mrmlScene.RemoveNode(labelmap)
+    return (world @ homogeneous(kji[:, ::-1]).T).T[:, :3]
+
+
+def add_transform(name, matrix):
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+    node.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(matrix))
+    return node

@@ -20,7 +20,14 @@ import pytest
 import slicer
 import vtk
 
-from tests.slicer_core.harness import geometries
+from tests.slicer_core.harness import (
+    add_transform,
+    geometries,
+    homogeneous,
+    segment_world_points,
+    to_world,
+    vtk_array,
+)
 
 AXES = (0, 1, 2)
 GEOMETRIES = ("rh", "lh", "oblique")
@@ -32,39 +39,6 @@ REFUSED = {
     "moved-same-late": "another voxel grid",
 }
 MIN_DICE = 0.5  # the classical tool from one click against the RECIST lesion, on the slice through that click
-
-
-def vtk_array(m: vtk.vtkMatrix4x4) -> np.ndarray:
-    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
-
-
-def to_world(node) -> np.ndarray:
-    """The node's parent transforms to world, from Slicer (identity when it has none)."""
-    transform = node.GetParentTransformNode()
-    if transform is None:
-        return np.eye(4)
-    m = vtk.vtkMatrix4x4()
-    transform.GetMatrixTransformToWorld(m)
-    return vtk_array(m)
-
-
-def homogeneous(points) -> np.ndarray:
-    points = np.asarray(points, float).reshape(-1, 3)
-    return np.c_[points, np.ones(len(points))]
-
-
-def segment_world_points(segmentation, segment_id) -> np.ndarray:
-    """World RAS of the centres of the segment's voxels, as Slicer exports the segment (its own geometry)."""
-    labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
-    ids = vtk.vtkStringArray()
-    ids.InsertNextValue(segment_id)
-    assert slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode(segmentation, ids, labelmap)
-    kji = np.argwhere(slicer.util.arrayFromVolume(labelmap) > 0)
-    m = vtk.vtkMatrix4x4()
-    labelmap.GetIJKToRASMatrix(m)
-    world = to_world(labelmap) @ vtk_array(m)
-    slicer.mrmlScene.RemoveNode(labelmap)
-    return (world @ homogeneous(kji[:, ::-1]).T).T[:, :3]
 
 
 def server_geometry(url, image_id) -> dict:
@@ -138,12 +112,6 @@ def make_volume(ct, server, geometry_name, source):
     return slicer.util.addVolumeFromArray(ct["imgs"], ijkToRAS=g[geometry_name], name=name), None
 
 
-def add_transform(name, matrix):
-    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
-    node.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(matrix))
-    return node
-
-
 def moved():
     """A registration-like rigid transform: 15 degrees about S, then a shift."""
     a = np.radians(15.0)
@@ -191,11 +159,6 @@ def test_click_lands_on_the_lesion(scene, ibisagent_module, server, ct, axis, ge
 
     logic.run(volume, slice_index, axis, "segment the lesion", segmentation, "", **run)
     session = logic.session
-    if expected_id:
-        assert session.imageId == expected_id
-    else:  # a name match whose geometry differs from the volume's is not trusted: the volume is uploaded
-        assert session.imageId.startswith("slicer-"), session.imageId
-    assert session.segmentationNode.GetParentTransformNode() is volume.GetParentTransformNode()
     logic.accept(1)
     points = segment_world_points(session.segmentationNode, session.segmentId)
 
@@ -219,3 +182,8 @@ def test_click_lands_on_the_lesion(scene, ibisagent_module, server, ct, axis, ge
     # a second accept of the same step reads the segment back and writes it again: nothing moves
     logic.accept(1)
     np.testing.assert_allclose(segment_world_points(session.segmentationNode, session.segmentId), points, atol=1e-6)
+    assert session.segmentationNode.GetParentTransformNode() is volume.GetParentTransformNode()
+    if expected_id:
+        assert session.imageId == expected_id
+    else:  # a name match whose geometry differs from the volume's is not trusted: the volume is uploaded
+        assert session.imageId.startswith("slicer-"), session.imageId
