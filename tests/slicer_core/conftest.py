@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,7 @@ def ct():
 
 @pytest.fixture(scope="session")
 def server(ct, tmp_path_factory, project_monailabel):
-    """The real server (tool-only: the weight-free classical tool, no policy model) on a studies folder holding the
+    """The real server (the weight-free classical tool and a tiny random policy model) on a studies folder holding the
     CT crop twice, written by IBISAgentLib's NIfTI writer: `ct-ras` with a right-handed affine and `ct-las` with a
     left-handed (LAS) one, the geometries of `geometries(ct)`."""
     tmp = tmp_path_factory.mktemp("slicer_core_server")
@@ -73,5 +74,13 @@ def server(ct, tmp_path_factory, project_monailabel):
     g = geometries(ct["spacing"])
     write_nifti(studies / "ct-ras.nii.gz", ct["imgs"], g["rh"])
     write_nifti(studies / "ct-las.nii.gz", ct["imgs"], g["lh"])
-    with running_server(tmp, studies, project_monailabel, {"tool": "classical"}) as (url, log):
+    # the policy: a tiny random Qwen2.5-VL built by the project environment (the slicer environment has no torch)
+    policy = tmp / "tiny-vlm"
+    build = f"from ibisagent.testing import build_tiny_qwen2_5_vl; build_tiny_qwen2_5_vl({str(policy)!r})"
+    python = Path(project_monailabel).parent / "python"
+    subprocess.run(
+        [str(python), "-c", build], check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    conf = {"tool": "classical", "model": str(policy), "max_new_tokens": "24"}
+    with running_server(tmp, studies, project_monailabel, conf) as (url, log):
         yield {"url": url, "studies": studies, "log": log}

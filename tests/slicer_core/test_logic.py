@@ -114,16 +114,18 @@ def test_parameter_node_to_run_and_back(ibisagent_module, server, ct_volume):
     args = logic.runArguments(p)
     assert (args["axis"], args["sliceIndex"], p.GetParameter("SliceIndex")) == (2, k, str(k))
     assert args["volumeNode"] is volume and args["segmentationNode"] is None and args["maxSteps"] == 1
-    assert logic.agentAvailable() is False
+    assert logic.agentAvailable() is True
     positive = logic.markupsNode(logic.ROLE_INPUT_POSITIVE)
     positive.AddControlPointWorld(vtk.vtkVector3d(*world_of(volume, (i, j, k))))
-    logic.runFromParameterNode(p)  # the server has no policy: Run applies the placed point with the tool
+    trajectory = logic.runFromParameterNode(p)  # the point placed first, then the agent (at most MaxSteps = 1)
     assert positive.GetNumberOfControlPoints() == 0
+    assert 1 <= trajectory.num_steps <= 2 and logic.session.stopReason
     segmentation = p.GetNodeReference("Segmentation")
     assert segmentation is logic.session.segmentationNode
     assert segmentation.GetParentTransformNode() is volume.GetParentTransformNode()
 
-    # the trajectory's click is shown as a markup on the clicked voxel's centre, in world space
+    # step 1 (the placed point) shows its click as a markup on the clicked voxel's centre, in world space
+    logic.showStep(1)
     shown = logic.markupsNode(logic.ROLE_CLICKS_POSITIVE)
     assert shown.GetNumberOfControlPoints() == 1
     position = [0.0, 0.0, 0.0]
@@ -139,10 +141,11 @@ def test_parameter_node_to_run_and_back(ibisagent_module, server, ct_volume):
     p.SetParameter("AgentContinues", "true")
     assert logic.continueArguments(p)["runAgent"] is None
 
-    # a second point on the same slice, applied by the tool; then Undo accept empties the segment it created
+    # a second point on the same slice, applied by the tool alone; then Undo accept removes the segment it created
+    p.SetParameter("AgentContinues", "false")
     negative = world_of(volume, (i + 30, j, k))
     logic.continueSession(positiveRas=[], negativeRas=[negative], **logic.continueArguments(p))
-    assert logic.session.trajectory.num_steps == 2
+    assert logic.session.trajectory.num_steps == trajectory.num_steps + 1
     assert logic.undoAccept() and segmentation.GetSegmentation().GetSegment(segmentId) is None
 
 
