@@ -244,24 +244,32 @@ class Trajectory:
             raise TrajectoryFormatError(f"{where}: {detail}") from exc
 
     def to_json(self, path: str | Path | None = None, indent: int | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=indent)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
+        return write_json(self.to_dict(), path, indent)
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> Trajectory:
         """A trajectory from JSON text or a file path; unreadable JSON raises TrajectoryFormatError."""
-        text = str(text_or_path)
-        try:
-            if not text.lstrip().startswith(("{", "[")):
-                text = Path(text_or_path).read_text(encoding="utf-8")
-            data = json.loads(text)
-        except (ValueError, RecursionError) as exc:
-            raise TrajectoryFormatError(
-                f"not a trajectory: the JSON cannot be read ({type(exc).__name__}: {exc})"
-            ) from exc
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(text_or_path, "a trajectory"))
+
+
+def write_json(document: dict, path: str | Path | None = None, indent: int | None = None) -> str:
+    """`document` as JSON text, also written to `path` when given (trajectories and volume records)."""
+    text = json.dumps(document, indent=indent)
+    if path is not None:
+        Path(path).write_text(text)
+    return text
+
+
+def read_json(text_or_path: str | Path, what: str):
+    """The JSON value of `text_or_path` (JSON text, or the path of a file holding it); unreadable JSON raises
+    TrajectoryFormatError saying it is not `what`."""
+    text = str(text_or_path)
+    try:
+        if not text.lstrip().startswith(("{", "[")):
+            text = Path(text_or_path).read_text(encoding="utf-8")
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise TrajectoryFormatError(f"not {what}: the JSON cannot be read ({type(exc).__name__}: {exc})") from exc
 
 
 def _listed(value, what: str) -> list:

@@ -21,13 +21,20 @@ a 2D trajectory and names the reader to use.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ibisagent.trajectory import TRAJECTORY_VERSION, Trajectory, TrajectoryFormatError, decode_mask, encode_mask
+from ibisagent.trajectory import (
+    TRAJECTORY_VERSION,
+    Trajectory,
+    TrajectoryFormatError,
+    decode_mask,
+    encode_mask,
+    read_json,
+    write_json,
+)
 
 VOLUME_VERSION = "volume-1"
 STATUSES = ("key", "propagated", "repaired", "absent")
@@ -190,18 +197,8 @@ class VolumeRecord:
             raise TrajectoryFormatError(f"{where}: {detail}") from exc
 
     def to_json(self, path: str | Path | None = None, indent: int | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=indent)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
+        return write_json(self.to_dict(), path, indent)
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> VolumeRecord:
-        text = str(text_or_path)
-        try:
-            if not text.lstrip().startswith("{"):
-                text = Path(text_or_path).read_text(encoding="utf-8")
-            data = json.loads(text)
-        except (ValueError, RecursionError) as exc:
-            raise TrajectoryFormatError(f"not a volume record: the JSON cannot be read ({exc})") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(text_or_path, "a volume record"))

@@ -130,8 +130,8 @@ class AgentParams:
         out, ignored = [], []
         for name, positive in (("foreground", True), ("background", False)):
             for i, point in enumerate(getattr(self, name)):
-                if len(point) == 3 and voxel_to_pixel(point, axis)[0] != (slice_index or 0):
-                    k = voxel_to_pixel(point, axis)[0]
+                k = voxel_to_pixel(point, axis)[0] if len(point) == 3 else None
+                if k is not None and k != (slice_index or 0):
                     ignored.append({"field": name, "index": i, "point": point, "slice": k})
                     continue
                 x, y = to_pixel(point, f"params.{name}[{i}]", slice_index, axis, shape)
