@@ -11,7 +11,7 @@ extras = {
     "eval": ["matplotlib"],
     "train": VLM + ["trl>=1.0", "peft", "monai", "datasets", "pyyaml"],
     "server": ["monailabel==0.8.5", "pydicom<3", "nibabel", "requests"],
-    "test": ["pytest", "pytest-timeout", "hypothesis", "requests", "ruff"],
+    "test": ["pytest", "pytest-timeout", "hypothesis", "requests", "ruff", "psutil"],
 }
 extras["all"] = sorted({dep for name, deps in extras.items() if name != "test" for dep in deps})
 

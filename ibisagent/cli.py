@@ -99,7 +99,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--baselines",
         default="",
         help="comma-separated, any of oracle (oracle clicks, the upper bound), box (the tool with the gt box, given "
-        "as its centre + 4 outside-corner clicks), center (the tool with one click at the gt's deepest pixel)",
+        "as its centre + 4 outside-corner clicks), center (the tool with one click at the gt's deepest pixel), "
+        "image-center (the tool with one click at the image's centre pixel: a control that does not know the target)",
     )
     ev.add_argument("--max-steps", type=int, default=20, help="step limit of the agent and the oracle (default 20)")
     ev.add_argument("--max-invalid", type=int, default=1, help="end an episode after N unusable outputs in a row")
