@@ -1,6 +1,7 @@
-"""The Qt-free part of the IBISAgent Slicer module: HTTP client, request, trajectory reader, coordinate conversions, file
-encoders. Standard library + numpy only, so it runs in Slicer's Python and under pytest alike; it imports nothing
-of the `ibisagent` package (the trajectory JSON is the contract between them)."""
+"""The Qt-free part of the IBISAgent Slicer module: HTTP client, request, trajectory reader, the volume mode's request
+and result readers, coordinate conversions, file encoders. Standard library + numpy only, so it runs in Slicer's
+Python and under pytest alike; it imports nothing of the `ibisagent` package (the trajectory JSON is the contract
+between them)."""
 
 from IBISAgentLib.client import (
     DEFAULT_MODEL,
@@ -44,19 +45,40 @@ from IBISAgentLib.trajectory import (
     decode_rle,
     encode_rle,
 )
+from IBISAgentLib.volume import (
+    SUPPORTED_VOLUME_SCHEMAS,
+    VOLUME_MODEL,
+    SliceStatus,
+    UnsupportedVolumeSchema,
+    VolumeFormatError,
+    VolumeProgress,
+    VolumeRecordView,
+    VolumeRequest,
+    VolumeResult,
+    new_progress_id,
+)
 
 __all__ = [
     "AgentRequest",
-    "DEFAULT_MODEL",
-    "SUPPORTED_VERSIONS",
     "ClickPoint",
+    "DEFAULT_MODEL",
     "IBISAgentClient",
     "IBISAgentClientError",
     "MultipartPart",
+    "SUPPORTED_VERSIONS",
+    "SUPPORTED_VOLUME_SCHEMAS",
+    "SliceStatus",
     "TrajectoryFormatError",
     "TrajectoryStep",
     "TrajectoryView",
     "UnsupportedTrajectoryVersion",
+    "UnsupportedVolumeSchema",
+    "VOLUME_MODEL",
+    "VolumeFormatError",
+    "VolumeProgress",
+    "VolumeRecordView",
+    "VolumeRequest",
+    "VolumeResult",
     "decode_multipart",
     "decode_rle",
     "default_server_url",
@@ -72,6 +94,7 @@ __all__ = [
     "in_plane_axes",
     "kji_array_to_ijk",
     "kji_slice",
+    "new_progress_id",
     "nifti_bytes",
     "pixel_index_to_ijk_index",
     "pixel_to_ijk",

@@ -24,6 +24,7 @@ import http.client
 import io
 import json
 import os
+import re
 import socket
 import time
 import urllib.parse
@@ -38,6 +39,7 @@ MAX_RESPONSE_BYTES = 64 * 2**20
 _MAX_REDIRECTS = 3
 _MAX_ERROR_BYTES = 2**16  # an error answer is read this far for its message
 _CHUNK = 2**16
+_PROGRESS_ID = re.compile(r"[0-9a-f]{32}")
 
 
 class IBISAgentClientError(RuntimeError):
@@ -436,9 +438,11 @@ class IBISAgentClient:
         label_path: str | Path | None = None,
         output: str = "all",
         save_label_to: str | Path | None = None,
+        model: str | None = None,
     ) -> tuple[dict, bytes | Path | None]:
         """POST /infer/<model>?image=<image_id>&output=<output> with `params` (the IBISAgent request JSON, see the
         server app) and, optionally, an initial-mask file `label_path` (PNG of the slice or NIfTI of the volume).
+        model: the task (default: the client's `model`; the volume mode's is `VOLUME_MODEL`).
 
         Returns (result JSON, label): the label file's bytes for output "all" (None for "json", or when the
         server sent no file); with `save_label_to` the bytes are written there and the path is returned instead.
@@ -450,7 +454,7 @@ class IBISAgentClient:
             label_path = Path(label_path)
             files["label"] = (label_path.name, label_path.read_bytes(), "application/octet-stream")
         content_type, body = encode_multipart({"params": json.dumps(params)}, files)
-        path = "/infer/" + urllib.parse.quote(self.model, safe="")
+        path = "/infer/" + urllib.parse.quote(model or self.model, safe="")
         url = self._url(path, {"image": image_id, "output": output})
         _, headers, answer = self._request(
             "POST", path, {"image": image_id, "output": output}, body, content_type, self.infer_timeout
@@ -478,6 +482,26 @@ class IBISAgentClient:
             save_label_to.write_bytes(label)
             return result, save_label_to
         return result, label
+
+    def progress(self, progress_id: str) -> dict | None:
+        """GET /ibisagent/progress/<progress_id>: the state of a running request that was sent with this
+        `progress_id` ({"state", "phase", "slices_done", "slices_total", "seconds"}), or None while the server does not
+        know the id (HTTP 404: the request has not reached it yet, or the server has no progress reports)."""
+        if not isinstance(progress_id, str) or not _PROGRESS_ID.fullmatch(progress_id):
+            raise ValueError(f"progress_id must be 32 lowercase hex digits, got {progress_id!r}")
+        path = f"/ibisagent/progress/{progress_id}"
+        try:
+            _, _, body = self._request("GET", path)
+        except IBISAgentClientError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        result = self._json(body, self._url(path))
+        if not isinstance(result, dict):
+            raise IBISAgentClientError(
+                f"{self._url(path)}: expected a JSON object, got {type(result).__name__}", url=self._url(path)
+            )
+        return result
 
 
 def default_server_url() -> str:
