@@ -22,6 +22,8 @@ from lib.datastore import StudiesDatastore
 from lib.endpoints import TOKEN_ENV, check_access, install
 from lib.errors import ConfigError, RequestError
 from lib.infers.ibisagent_task import IBISAgentTask
+from lib.infers.ibisagent_volume_task import IBISAgentVolumeTask
+from lib.progress import BOARD
 from lib.request import IMAGE_ID_KEY, SESSION_IMAGE_KEY
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import DefaultLabelTag
@@ -29,6 +31,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 logger = logging.getLogger(__name__)
 
 TASK = "ibisagent"
+VOLUME_TASK = "ibisagent_volume"
 _LABEL_TAG = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -105,7 +108,10 @@ class IBISAgentApp(MONAILabelApp):
         )
 
     def init_infers(self):
+        from ibisagent.tools import build_propagator
+
         c = self.config
+        server_info = {k: v for k, v in asdict(c).items() if k != "labels"}
         return {
             TASK: IBISAgentTask(
                 tool=self._tool,
@@ -122,8 +128,26 @@ class IBISAgentApp(MONAILabelApp):
                 max_pixels=c.max_image_megapixels * 1_000_000,
                 max_voxels=c.max_volume_megavoxels * 1_000_000,
                 labels=c.label_names,
-                server_info={k: v for k, v in asdict(c).items() if k != "labels"},
-            )
+                server_info=server_info,
+            ),
+            VOLUME_TASK: IBISAgentVolumeTask(
+                tool_factory=lambda: c.tool_spec.build(c.device),
+                propagator_factory=lambda tool: build_propagator(tool, c.checkpoint, c.tool_config, c.device),
+                policy_factory=self._policy_factory,
+                dialect=c.dialect,
+                max_steps=c.max_steps,
+                session_ttl=c.session_ttl,
+                max_sessions=c.max_volume_sessions,
+                max_jobs=c.max_volume_jobs,
+                repair_budget=c.repair_budget,
+                max_clicks=c.max_clicks,
+                instruction_for=c.instruction_for,
+                max_pixels=c.max_image_megapixels * 1_000_000,
+                max_voxels=c.max_volume_megavoxels * 1_000_000,
+                labels=c.label_names,
+                server_info=server_info,
+                progress=BOARD,
+            ),
         }
 
     def infer(self, request, datastore=None):

@@ -56,6 +56,16 @@ class AppConfig(ToolSpec, PolicySpec):
     max_volume_megavoxels: int = field(
         default=512, metadata={"help": "voxels of a study volume at most, in millions (checked from the header)"}
     )
+    max_volume_jobs: int = field(
+        default=2, metadata={"help": "volume requests (ibisagent_volume) running at once; one more is answered 503"}
+    )
+    max_volume_sessions: int = field(
+        default=8,
+        metadata={"help": "volume sessions kept (each holds its volume in memory); the least recently used goes first"},
+    )
+    repair_budget: int = field(
+        default=8, metadata={"help": "slices a volume session may repair when the request gives no repair_budget"}
+    )
 
     def __post_init__(self) -> None:  # both bases' checks (the dataclass __init__ calls only the first in the MRO)
         ToolSpec.__post_init__(self)
@@ -103,9 +113,13 @@ class AppConfig(ToolSpec, PolicySpec):
             "max_upload_mb",
             "max_image_megapixels",
             "max_volume_megavoxels",
+            "max_volume_jobs",
+            "max_volume_sessions",
         ):
             if getattr(self, key) < 1:
                 raise bad(key, "an integer of at least 1")
+        if self.repair_budget < 0:
+            raise bad("repair_budget", "an integer of at least 0")
         if not self.session_ttl > 0:
             raise bad("session_ttl", "a positive number of seconds")
         if self.checkpoint is not None and not os.path.isfile(self.checkpoint):

@@ -40,6 +40,7 @@ from monailabel.endpoints.infer import ResultType, send_response
 from monailabel.interfaces.utils.app import app_instance
 
 from .errors import ConfigError, RequestError
+from .progress import BOARD
 from .request import IMAGE_ID_KEY, SESSION_IMAGE_KEY, UPLOAD_KEY
 
 TOKEN_ENV = "IBISAGENT_API_TOKEN"
@@ -73,6 +74,7 @@ SERVED = frozenset(
         ("PUT", "/session/"),
         ("GET", "/session/{session_id}"),
         ("DELETE", "/session/{session_id}"),
+        ("GET", "/ibisagent/progress/{progress_id}"),
     }
 )
 MAX_PARAMS_BYTES = 64 * 1024
@@ -135,6 +137,9 @@ def install(app, max_body_bytes: int, token: str | None) -> None:
     app.add_api_route("/session/", put_session, methods=["PUT"], summary="Upload an image for one user's requests")
     app.add_api_route("/session/{session_id}", get_session, methods=["GET"], summary="An upload session's info")
     app.add_api_route("/session/{session_id}", delete_session, methods=["DELETE"], summary="Delete an upload session")
+    app.add_api_route(
+        "/ibisagent/progress/{progress_id}", get_progress, methods=["GET"], summary="A volume request's progress"
+    )
     app.add_api_route(HEALTH, _health, methods=["GET"], summary="Liveness check (no authentication)")
     for kind in (ValueError, TypeError, RecursionError, OSError):
         app.add_exception_handler(kind, _form_field_error)
@@ -318,6 +323,12 @@ def delete_session(session_id: str):
     return upload_sessions().remove(session_id)
 
 
+def get_progress(progress_id: str):
+    """GET /ibisagent/progress/{progress_id}: {state, phase, slices_done, slices_total, seconds} of the request that
+    sent this params.progress_id (`lib.progress`)."""
+    return BOARD.get(progress_id)
+
+
 def parse_params(text: str) -> dict[str, Any]:
     """The params form field: a JSON object of at most MAX_PARAMS_BYTES, nested at most MAX_PARAMS_DEPTH deep, of
     valid UTF-8 text, setting none of the keys the server fills in."""
@@ -403,7 +414,7 @@ async def _health():
 def _not_served(method: str, path: str) -> str:
     return (
         f"{method} {path[:120]} is not served by the IBISAgent app; it serves /info/, /datastore/..., "
-        "/activelearning/{strategy}, /infer/{model} and /health (see monailabel_app/README.md)"
+        "/activelearning/{strategy}, /infer/{model}, /ibisagent/progress/{id} and /health (see monailabel_app/README.md)"
     )
 
 

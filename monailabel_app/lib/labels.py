@@ -191,3 +191,47 @@ def write_label(mask: np.ndarray, source: ImageSource, slice_index: int | None, 
         path = f.name
     nib.save(image, path)
     return path
+
+
+def write_volume_label(label: np.ndarray, source: ImageSource) -> str:
+    """A whole (I, J, K) label volume as a temporary NIfTI MONAI Label sends and then deletes: uint8, 1 = foreground,
+    with the image's affine and header (the volume task's result)."""
+    if source.kind != "volume" or tuple(label.shape) != tuple(source.shape):
+        raise ValueError(f"label shape {label.shape} is not the volume's shape {source.shape}")
+    import nibabel as nib
+
+    ref = nib.load(source.path)
+    data = np.asarray(label, np.uint8)
+    header = ref.header.copy()
+    header.set_data_dtype(np.uint8)
+    header.set_data_shape(data.shape)
+    image = nib.Nifti1Image(data, ref.affine, header)
+    image.header.set_slope_inter(1, 0)
+    with tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False) as f:
+        path = f.name
+    nib.save(image, path)
+    return path
+
+
+def read_volume(source: ImageSource) -> np.ndarray:
+    """The whole (I, J, K) voxel array of a volume source (its size was checked from the header by `ImageSource.open`):
+    stored values, scaled to float32 only when the file has a scale other than 1 / 0."""
+    import nibabel as nib
+
+    try:
+        image = nib.load(source.path)
+        slope, inter = image.dataobj.slope, image.dataobj.inter
+        scaled = any(v is not None and np.isfinite(v) and v != d for v, d in ((slope, 1), (inter, 0)))
+        if not scaled:
+            data = np.asanyarray(image.dataobj.get_unscaled())
+        else:
+            data = image.get_fdata(dtype=np.float32)
+    except Exception as exc:  # a truncated or corrupt file
+        raise RequestError(
+            400, f"image {source.image_id!r} cannot be read: {type(exc).__name__}: {str(exc)[:200]}"
+        ) from exc
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.shape != tuple(source.shape):
+        raise RequestError(400, f"image {source.image_id!r} has shape {list(data.shape)}, not a 3D volume")
+    return data

@@ -62,12 +62,22 @@ class SessionStore:
     """Sessions by id, dropped `ttl_s` seconds after their last use and least-recently-used first beyond
     `max_sessions`. Ids are made here (random hex); clients cannot choose them."""
 
-    def __init__(self, ttl_s: float, max_sessions: int, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        ttl_s: float,
+        max_sessions: int,
+        clock: Callable[[], float] = time.monotonic,
+        on_end: Callable[[Any], None] | None = None,
+    ):
+        """on_end(session) is called for every session that expires or is evicted (outside the store's lock), e.g.
+        to free what it holds."""
         if ttl_s <= 0 or max_sessions < 1:
             raise ValueError(f"need ttl_s > 0 and max_sessions >= 1, got {ttl_s} and {max_sessions}")
         self.ttl_s = ttl_s
         self.max_sessions = max_sessions
         self._clock = clock
+        self._on_end = on_end
+        self._gone: list[Any] = []  # sessions ended under the lock, handed to on_end after it
         self._lock = threading.Lock()
         self._sessions: OrderedDict[str, tuple[Session, float]] = OrderedDict()  # id -> (session, last use)
         self._ended: OrderedDict[str, str] = OrderedDict()  # id -> why it ended
@@ -81,11 +91,18 @@ class SessionStore:
             self._purge()
             self._sessions[session.id] = (session, self._clock())
             while len(self._sessions) > self.max_sessions:
-                old, _ = self._sessions.popitem(last=False)
-                self._end(old, f"was evicted (the server keeps at most {self.max_sessions} sessions)")
+                old, (gone, _) = self._sessions.popitem(last=False)
+                self._end(old, f"was evicted (the server keeps at most {self.max_sessions} sessions)", gone)
+        self._hand_over()
 
     def get(self, session_id: str) -> Session:
         """The live session, marked as used now. Unknown ids raise RequestError 404, ended ones 410."""
+        try:
+            return self._get(session_id)
+        finally:
+            self._hand_over()
+
+    def _get(self, session_id: str) -> Session:
         with self._lock:
             self._purge()
             entry = self._sessions.get(session_id)
@@ -103,18 +120,30 @@ class SessionStore:
     def __len__(self) -> int:
         with self._lock:
             self._purge()
-            return len(self._sessions)
+            n = len(self._sessions)
+        self._hand_over()
+        return n
 
     def _purge(self) -> None:
         now = self._clock()
         for sid in [sid for sid, (_, used) in self._sessions.items() if now - used > self.ttl_s]:
-            del self._sessions[sid]
-            self._end(sid, f"expired ({self.ttl_s:g} s without use)")
+            gone, _ = self._sessions.pop(sid)
+            self._end(sid, f"expired ({self.ttl_s:g} s without use)", gone)
 
-    def _end(self, session_id: str, why: str) -> None:
+    def _end(self, session_id: str, why: str, session: Any = None) -> None:
         self._ended[session_id] = why
         while len(self._ended) > _TOMBSTONES:
             self._ended.popitem(last=False)
+        if self._on_end is not None and session is not None:
+            self._gone.append(session)
+
+    def _hand_over(self) -> None:
+        if self._on_end is None:
+            return
+        with self._lock:
+            gone, self._gone = self._gone, []
+        for session in gone:
+            self._on_end(session)
 
 
 @dataclass
