@@ -11,25 +11,35 @@ import logging
 import os
 import re
 import tempfile
+import threading
+import time
 
 import numpy as np
 import qt
 import slicer
 import vtk
 from IBISAgentLib import (
+    VOLUME_MODEL,
     AgentRequest,
     IBISAgentClient,
+    IBISAgentClientError,
     TrajectoryView,
+    VolumeFormatError,
+    VolumeProgress,
+    VolumeRequest,
+    VolumeResult,
     default_server_url,
     dims_ijk_of_kji,
     geometry_mismatch,
     ijk_index,
     ijk_to_ras,
     kji_slice,
+    new_progress_id,
     pixel_to_ijk,
     pixel_to_voxel_centre,
     png_mask_bytes,
     ras_to_ijk,
+    read_nifti,
     slice_axis_from_normal,
     slice_index_from_ras,
     slice_shape,
@@ -375,6 +385,55 @@ class IBISAgentSession:
         self.trajectory = trajectory
 
 
+class IBISAgentVolumeSession:
+    """One volume session of the server's 3D task as the Logic sees it: the nodes it works on, the latest result
+    summary (`VolumeResult`: the per-slice status list) and the proposed label, a (K, J, I) uint8 array in the
+    volume's own voxel grid."""
+
+    def __init__(self, imageId, volumeNode, axis, keySlice, instruction, segmentationNode, segmentId):
+        self.imageId = imageId
+        self.volumeNode = volumeNode
+        self.axis = int(axis)
+        self.keySlice = int(keySlice)
+        self.instruction = instruction
+        self.segmentationNode = segmentationNode
+        self.segmentId = segmentId or ""
+        self.sessionId = None
+        self.result = None
+        self.label = None
+
+    def dimsIjk(self):
+        return tuple(self.volumeNode.GetImageData().GetDimensions())
+
+    def update(self, result, labelBytes, volumeIjkToRas):
+        """Take an answer of the 3D task (its JSON and label file) into the session; nothing changes when either is
+        not what this volume needs (the message says what was wrong)."""
+        dims = self.dimsIjk()
+        summary = VolumeResult.from_dict(result, num_slices=dims[self.axis])
+        if summary.axis != self.axis:
+            raise ValueError(f"the server answered for slice axis {summary.axis}, the session works along {self.axis}")
+        if labelBytes is None:
+            raise ValueError("the server sent no label file with the volume result; is it the IBISAgent app?")
+        try:
+            label, affine = read_nifti(labelBytes)
+        except ValueError as exc:
+            raise ValueError(f"the server's volume label cannot be read: {exc}") from exc
+        # the label must be in this volume's voxel grid (the image the server ran on was checked to be, or uploaded)
+        reason = geometry_mismatch({"shape": dims_ijk_of_kji(label), "affine": affine.tolist()}, dims, volumeIjkToRas)
+        if reason is not None:
+            raise ValueError(
+                f"the server's label for image {self.imageId!r} is not in the voxel grid of volume "
+                f"{self.volumeNode.GetName()!r} ({reason}); nothing was shown"
+            )
+        self.sessionId = summary.session_id
+        self.result = summary
+        self.label = (label > 0).astype(np.uint8)
+
+    def statusLines(self):
+        """One line per slice of the status list (index order)."""
+        return [s.describe() for s in self.result.slices] if self.result else []
+
+
 class IBISAgentLogic(ScriptedLoadableModuleLogic):
     """Runs without a GUI: talks to the server through IBISAgentLib and writes results into MRML nodes.
 
@@ -404,7 +463,9 @@ class IBISAgentLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self.serverUrl = serverUrl or default_server_url()
         self.session = None
+        self.volumeSession = None
         self.statusCallback = None
+        self.progressCallback = None
         self._acceptUndoStack = []
 
     def setDefaultParameters(self, parameterNode):
@@ -552,8 +613,11 @@ class IBISAgentLogic(ScriptedLoadableModuleLogic):
         s = self.session
         if s is None:
             return
-        h, w = s.trajectory.image_size
-        ras = ijk_to_ras(pixel_to_ijk((w / 2.0, h / 2.0), s.axis, s.sliceIndex), self.ijkToRasMatrix(s.volumeNode))
+        self._jumpToSliceCentre(s.volumeNode, s.axis, s.sliceIndex)
+
+    def _jumpToSliceCentre(self, volumeNode, axis, sliceIndex):
+        h, w = slice_shape(volumeNode.GetImageData().GetDimensions(), axis)
+        ras = ijk_to_ras(pixel_to_ijk((w / 2.0, h / 2.0), axis, sliceIndex), self.ijkToRasMatrix(volumeNode))
         slicer.modules.markups.logic().JumpSlicesToLocation(float(ras[0]), float(ras[1]), float(ras[2]), True)
 
     def pointsToIjk(self, pointsRas, volumeNode, axis, sliceIndex):
@@ -651,11 +715,7 @@ class IBISAgentLogic(ScriptedLoadableModuleLogic):
                     "on the slice, then Run applies them with the segmentation tool"
                 )
         if segmentationNode is None:
-            segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "IBISAgent segmentation")
-            segmentationNode.CreateDefaultDisplayNodes()
-            # the transform first: the reference geometry is taken in the segmentation's frame
-            segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
-            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+            segmentationNode = self._newSegmentation(volumeNode)
         self.removePreview()
         session = IBISAgentSession(None, volumeNode, axis, sliceIndex, instruction.strip(), segmentationNode, segmentId)
         session.imageId = self.imageIdForVolume(volumeNode, client)
@@ -722,6 +782,297 @@ class IBISAgentLogic(ScriptedLoadableModuleLogic):
         return (
             f"Session {s.sessionId}: {s.trajectory.num_steps} steps, stop: {s.stopReason}, final mask {pixels} pixels."
         )
+
+    @staticmethod
+    def _newSegmentation(volumeNode):
+        """A new segmentation in the volume's frame and voxel grid (what `checkSegmentationFrame` asks for)."""
+        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "IBISAgent segmentation")
+        segmentationNode.CreateDefaultDisplayNodes()
+        # the transform first: the reference geometry is taken in the segmentation's frame
+        segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        return segmentationNode
+
+    # -- volume mode: key slice, propagation, per-slice status, repair, undo, accept of the whole volume -----------
+    PROGRESS_POLL_SECONDS = 0.5
+    PROGRESS_TIMEOUT = 5.0  # one poll; a poll that times out is skipped, the request goes on
+
+    def volumeServerInfo(self, client=None):
+        """GET /info/ of the server; raises ValueError when it offers no volume task."""
+        client = client or self.client()
+        info = client.info()
+        if VOLUME_MODEL not in (info.get("models") or {}):
+            raise ValueError(
+                f"the server at {self.serverUrl} offers models {sorted(info.get('models') or {})} but no "
+                f"'{VOLUME_MODEL}' (the volume mode's 3D task); update the IBISAgent server"
+            )
+        return info
+
+    def volumeArguments(self, parameterNode):
+        """The keyword arguments of `runVolume` that the parameter node holds: those of `runArguments` (the key slice
+        is the slice of Run: the Red view's, or the one given) and the propagation range (VolumeFirstSlice /
+        VolumeLastSlice, empty: until the object ends)."""
+        args = self.runArguments(parameterNode)
+        args.pop("initialFromSegment")
+        args["keySlice"] = args.pop("sliceIndex")
+        for name, key in (("VolumeFirstSlice", "firstSlice"), ("VolumeLastSlice", "lastSlice")):
+            value = parameterNode.GetParameter(name).strip()
+            args[key] = int(value) if value else None
+        return args
+
+    def runVolumeFromParameterNode(self, parameterNode):
+        """Run in volume mode with the parameter node's arguments and the points placed so far (then cleared), and
+        store the session's segmentation in the parameter node."""
+        positive, negative = self.userPoints()
+        result = self.runVolume(**self.volumeArguments(parameterNode), positiveRas=positive, negativeRas=negative)
+        self.clearUserPoints()
+        vs = self.volumeSession
+        wasModified = parameterNode.StartModify()
+        parameterNode.SetNodeReferenceID("Segmentation", vs.segmentationNode.GetID())
+        if vs.segmentId:
+            parameterNode.SetParameter("SegmentId", vs.segmentId)
+        parameterNode.EndModify(wasModified)
+        return result
+
+    def runVolume(
+        self,
+        volumeNode,
+        keySlice,
+        axis,
+        instruction,
+        segmentationNode=None,
+        segmentId="",
+        maxSteps=10,
+        positiveRas=None,
+        negativeRas=None,
+        runAgent=None,
+        firstSlice=None,
+        lastSlice=None,
+        repairBudget=None,
+        autoRepair=None,
+    ):
+        """Start a volume session: segment slice `keySlice` along IJK `axis` (your points on it, world RAS, and/or the
+        agent: runAgent None = when the server has a policy model), then propagate slice by slice (within
+        firstSlice..lastSlice when given) until the object ends. Shows the whole proposed volume in the preview
+        segment and returns the result summary (`VolumeResult`: the per-slice status list).
+
+        segmentationNode / segmentId: where `acceptVolume` writes (created as in `run`). The request runs on a worker
+        thread while this thread polls its progress (`progressCallback(VolumeProgress)`); MRML is touched only here."""
+        array = self.volumeArray(volumeNode)
+        dims = dims_ijk_of_kji(array)
+        kji_slice(array, axis, keySlice)  # a clear error for a bad axis or an out-of-range slice
+        if segmentationNode is not None:
+            self.checkSegmentationFrame(volumeNode, segmentationNode)
+        foreground = self.pointsToIjk(positiveRas or [], volumeNode, axis, keySlice)
+        background = self.pointsToIjk(negativeRas or [], volumeNode, axis, keySlice)
+        client = self.client()
+        self.volumeServerInfo(client)
+        if runAgent is None:
+            runAgent = self.agentAvailable(client)
+            if not runAgent and not (foreground or background):
+                raise ValueError(
+                    "the server has no policy model (started without --conf model): place positive/negative points "
+                    "on the key slice, then the segmentation tool segments it and the mask is propagated"
+                )
+        request = VolumeRequest(
+            instruction,
+            axis=int(axis),
+            key_slice=int(keySlice),
+            foreground=foreground,
+            background=background,
+            run_agent=bool(runAgent),
+            max_steps=int(maxSteps),
+            first_slice=firstSlice,
+            last_slice=lastSlice,
+            repair_budget=repairBudget,
+            auto_repair=autoRepair,
+            progress_id=new_progress_id(),
+        )
+        request.check(dims)  # before anything is uploaded
+        if segmentationNode is None:
+            segmentationNode = self._newSegmentation(volumeNode)
+        session = IBISAgentVolumeSession(
+            None, volumeNode, axis, keySlice, instruction.strip(), segmentationNode, segmentId
+        )
+        session.imageId = self.imageIdForVolume(volumeNode, client)
+        what = "Running the agent" if runAgent else "Applying your points"
+        self._status(f"{what} on key slice {keySlice} (axis {axis}) of {session.imageId}, then propagating ...")
+        self._volumeCall(client, session, request)
+        return session.result
+
+    def _continueVolume(self, action, sliceIndex=None, **fields):
+        vs = self.volumeSession
+        if vs is None:
+            raise ValueError("run the volume mode first; there is no volume session")
+        request = VolumeRequest(
+            vs.instruction,
+            axis=vs.axis,
+            session_id=vs.sessionId,
+            action=action,
+            slice=sliceIndex,
+            progress_id=new_progress_id(),
+            **fields,
+        )
+        self._volumeCall(self.client(), vs, request)
+        return vs.result
+
+    def propagateVolume(self, firstSlice=None, lastSlice=None):
+        """Propagate again, e.g. over a wider range (firstSlice..lastSlice; None: until the object ends)."""
+        self._status(
+            f"Propagating over slices {firstSlice if firstSlice is not None else 'start'}.."
+            f"{lastSlice if lastSlice is not None else 'end'} ..."
+        )
+        return self._continueVolume("propagate", first_slice=firstSlice, last_slice=lastSlice)
+
+    def repairSlice(self, sliceIndex, positiveRas=None, negativeRas=None, runAgent=None, maxSteps=10):
+        """Repair slice `sliceIndex` with your points on it (world RAS; default: those placed in the 'my points'
+        markups, then cleared) and/or the agent (runAgent None: when the server has a policy model and you placed no
+        points); the server re-propagates outward from it. Returns the new result summary."""
+        vs = self.volumeSession
+        if vs is None:
+            raise ValueError("run the volume mode first; there is no volume session")
+        placed = positiveRas is None and negativeRas is None
+        if placed:
+            positiveRas, negativeRas = self.userPoints()
+        foreground = self.pointsToIjk(positiveRas or [], vs.volumeNode, vs.axis, sliceIndex)
+        background = self.pointsToIjk(negativeRas or [], vs.volumeNode, vs.axis, sliceIndex)
+        if runAgent is None:
+            runAgent = not (foreground or background) and self.agentAvailable()
+        self._status(f"Repairing slice {sliceIndex} ({'the agent' if runAgent else 'your points'}) ...")
+        result = self._continueVolume(
+            "repair",
+            sliceIndex,
+            foreground=foreground,
+            background=background,
+            run_agent=bool(runAgent),
+            max_steps=int(maxSteps),
+        )
+        if placed:
+            self.clearUserPoints()
+        return result
+
+    def undoSlice(self, sliceIndex):
+        """Undo the last change about slice `sliceIndex` (a repair, or the key) on the server; the slices it touched
+        go back. Returns the new result summary."""
+        self._status(f"Undoing slice {sliceIndex} ...")
+        return self._continueVolume("undo_slice", sliceIndex)
+
+    def _volumeCall(self, client, session, request):
+        """Send `request` for `session` on a worker thread (HTTP only: no Qt or MRML there), poll its progress here,
+        then take the answer into the session and show the proposed volume."""
+        params = request.to_params(session.dimsIjk())
+        box = {}
+
+        def work():
+            try:
+                box["answer"] = client.infer(session.imageId, params, output="all", model=VOLUME_MODEL)
+            except BaseException as exc:  # handed to the caller's thread, raised there
+                box["error"] = exc
+
+        worker = threading.Thread(target=work, name="IBISAgent volume request", daemon=True)
+        started = time.monotonic()
+        worker.start()
+        poller = IBISAgentClient(self.serverUrl, timeout=self.PROGRESS_TIMEOUT, token=client.token)
+        while True:
+            worker.join(self.PROGRESS_POLL_SECONDS)
+            if not worker.is_alive():
+                break
+            self._pollProgress(poller, request.progress_id, started)
+        if "error" in box:
+            raise box["error"]
+        result, label = box["answer"]
+        session.update(result, label, self.ijkToRasMatrix(session.volumeNode, world=False))
+        self.volumeSession = session  # a new session replaces the last one only once its answer was taken
+        if self.progressCallback:
+            self.progressCallback(
+                VolumeProgress("done", "done", len(session.result.slices), None, time.monotonic() - started)
+            )
+        self.showVolume()
+        self._status(self._volumeSummary())
+
+    def _pollProgress(self, poller, progressId, started):
+        """One progress report to `progressCallback`; a poll that fails only skips this report."""
+        if not self.progressCallback:
+            return
+        try:
+            report = poller.progress(progressId)
+            progress = VolumeProgress.from_dict(report) if report is not None else None
+        except (IBISAgentClientError, VolumeFormatError) as exc:
+            logging.debug(f"IBISAgent: progress not available ({exc})")
+            progress = None
+        if progress is None:
+            progress = VolumeProgress("running", "waiting for the server", 0, None, time.monotonic() - started)
+        self.progressCallback(progress)
+
+    def _volumeSummary(self):
+        r = self.volumeSession.result
+        counts = {}
+        for s in r.slices:
+            counts[s.status] = counts.get(s.status, 0) + 1
+        parts = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        text = (
+            f"Volume session {r.session_id}: slices {r.range[0]}..{r.range[1]} ({parts}), {len(r.flagged)} flagged, "
+            f"repairs {r.repairs_used}/{'-' if r.repair_budget is None else r.repair_budget}, stop: {r.stop_reason}."
+        )
+        if r.ignored_points:
+            text += f" The server ignored {len(r.ignored_points)} point(s) (not on the slice it worked on)."
+        return text
+
+    def volumeStatusLines(self):
+        """The per-slice status list as text lines (what the Widget lists)."""
+        return self.volumeSession.statusLines() if self.volumeSession else []
+
+    def showVolume(self):
+        """Show the whole proposed volume in the preview segment of the session's segmentation."""
+        vs = self.volumeSession
+        if vs is None or vs.label is None:
+            raise ValueError("run the volume mode first")
+        self.checkSegmentationFrame(vs.volumeNode, vs.segmentationNode)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(
+            vs.label, vs.segmentationNode, self.previewSegmentId(segmentationNode=vs.segmentationNode), vs.volumeNode
+        )
+
+    def jumpToSlice(self, sliceIndex):
+        """Move the slice views to the centre of slice `sliceIndex` of the volume session (e.g. a flagged one), so
+        it is shown and placed points land on it."""
+        vs = self.volumeSession
+        if vs is None:
+            raise ValueError("run the volume mode first")
+        n = vs.dimsIjk()[vs.axis]
+        if not 0 <= int(sliceIndex) < n:
+            raise ValueError(f"slice {sliceIndex} is outside the volume (0..{n - 1} along IJK axis {vs.axis})")
+        self._jumpToSliceCentre(vs.volumeNode, vs.axis, int(sliceIndex))
+
+    def acceptSlice(self, sliceIndex):
+        """Mark slice `sliceIndex` as reviewed (its mask kept as it is, e.g. a flagged slice you checked) on the
+        server. Returns the new result summary."""
+        self._status(f"Marking slice {sliceIndex} as reviewed ...")
+        return self._continueVolume("accept", sliceIndex)
+
+    def acceptVolume(self):
+        """Write the proposed volume into the session's segment as ONE undoable step (`undoAccept`): every slice the
+        session has a record of (key, propagated, repaired, absent) becomes the proposal's; other slices keep their
+        content. The server's session stays open (repair and accept again as often as needed). Returns the segment
+        id (a new segment is made when none was chosen)."""
+        vs = self.volumeSession
+        if vs is None or vs.label is None:
+            raise ValueError("run the volume mode first")
+        self.checkSegmentationFrame(vs.volumeNode, vs.segmentationNode)
+        segmentation = vs.segmentationNode.GetSegmentation()
+        vs.segmentId, created = self._segmentToWrite(vs.segmentationNode, vs.segmentId, vs.instruction)
+        self._segmentEditorSaveStateForUndo(vs.segmentationNode)
+        before = self.segmentArray(vs.segmentationNode, vs.segmentId, vs.volumeNode)
+        after = before.copy()
+        for index in vs.result.indices:
+            write_slice_mask(after, kji_slice(vs.label, vs.axis, index) > 0, vs.axis, index)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(after, vs.segmentationNode, vs.segmentId, vs.volumeNode)
+        self._acceptUndoStack.append(
+            (vs.segmentationNode.GetID(), vs.segmentId, before, vs.volumeNode.GetID(), created)
+        )
+        self.removePreview(vs.segmentationNode)
+        name = segmentation.GetSegment(vs.segmentId).GetName()
+        self._status(f"Accepted the volume ({len(vs.result.indices)} slices) into segment {name!r}.")
+        return vs.segmentId
 
     # -- markups ----------------------------------------------------------------------------------------------------
     def markupsNode(self, role):
@@ -870,23 +1221,28 @@ class IBISAgentLogic(ScriptedLoadableModuleLogic):
         """HxW bool mask of the segment on one slice (rows/columns as in IBISAgentLib.geometry)."""
         return kji_slice(self.segmentArray(segmentationNode, segmentId, volumeNode), axis, sliceIndex) > 0
 
-    def previewSegmentId(self, create=True):
-        s = self.session
-        if s is None:
-            return ""
-        segmentation = s.segmentationNode.GetSegmentation()
+    def previewSegmentId(self, create=True, segmentationNode=None):
+        """The preview segment's id in `segmentationNode` (default: the session's); the 2D and the volume mode
+        share it, so it shows whichever result was shown last."""
+        if segmentationNode is None:
+            if self.session is None:
+                return ""
+            segmentationNode = self.session.segmentationNode
+        segmentation = segmentationNode.GetSegmentation()
         segmentId = segmentation.GetSegmentIdBySegmentName(self.PREVIEW_SEGMENT_NAME)
         if not segmentId and create:
             segmentId = segmentation.AddEmptySegment("", self.PREVIEW_SEGMENT_NAME, list(self.PREVIEW_COLOR))
         return segmentId
 
-    def removePreview(self):
-        s = self.session
-        if s is None or s.segmentationNode is None or s.segmentationNode.GetScene() is None:
+    def removePreview(self, segmentationNode=None):
+        """Remove the preview segment from `segmentationNode` (default: the session's)."""
+        if segmentationNode is None:
+            segmentationNode = self.session.segmentationNode if self.session is not None else None
+        if segmentationNode is None or segmentationNode.GetScene() is None:
             return
-        segmentId = self.previewSegmentId(create=False)
+        segmentId = self.previewSegmentId(create=False, segmentationNode=segmentationNode)
         if segmentId:
-            s.segmentationNode.GetSegmentation().RemoveSegment(segmentId)
+            segmentationNode.GetSegmentation().RemoveSegment(segmentId)
 
     def _stepCount(self, count):
         t = self.session.trajectory
@@ -920,11 +1276,7 @@ class IBISAgentLogic(ScriptedLoadableModuleLogic):
         mask = s.trajectory.mask_at(count - 1)
         self.checkSegmentationFrame(s.volumeNode, s.segmentationNode)
         segmentation = s.segmentationNode.GetSegmentation()
-        created = False
-        if not s.segmentId or segmentation.GetSegment(s.segmentId) is None:
-            name = re.sub(r"^(please\s+)?segment(\s+the)?\s+", "", s.instruction, flags=re.IGNORECASE)[:40]
-            s.segmentId = segmentation.AddEmptySegment("", name or "IBISAgent")
-            created = True
+        s.segmentId, created = self._segmentToWrite(s.segmentationNode, s.segmentId, s.instruction)
         self._segmentEditorSaveStateForUndo(s.segmentationNode)
         before = self.segmentArray(s.segmentationNode, s.segmentId, s.volumeNode)
         after = before.copy()
@@ -934,6 +1286,15 @@ class IBISAgentLogic(ScriptedLoadableModuleLogic):
         self.removePreview()
         self._status(f"Accepted step {count} into segment {segmentation.GetSegment(s.segmentId).GetName()!r}.")
         return s.segmentId
+
+    @staticmethod
+    def _segmentToWrite(segmentationNode, segmentId, instruction):
+        """(segment id, created): the chosen segment, or a new one named after the instruction's target."""
+        segmentation = segmentationNode.GetSegmentation()
+        if segmentId and segmentation.GetSegment(segmentId) is not None:
+            return segmentId, False
+        name = re.sub(r"^(please\s+)?segment(\s+the)?\s+", "", instruction, flags=re.IGNORECASE)[:40]
+        return segmentation.AddEmptySegment("", name or "IBISAgent"), True
 
     def canUndoAccept(self):
         return bool(self._acceptUndoStack)
@@ -973,8 +1334,9 @@ class IBISAgentLogic(ScriptedLoadableModuleLogic):
         return False
 
     def forgetSession(self):
-        """Drop the session (e.g. the scene is closing); nodes are left to the scene."""
+        """Drop the sessions (e.g. the scene is closing); nodes are left to the scene."""
         self.session = None
+        self.volumeSession = None
         self._acceptUndoStack = []
 
 
