@@ -17,9 +17,9 @@ from scipy import ndimage
 from ibisagent.metrics import iou
 from ibisagent.types import DEFAULT_TARGET, Click
 
-_BLOCK = 4  # block side of the coarse pass of `_deepest`
+_BLOCK = 2  # block side of the coarse pass of `_deepest` (2 keeps the bounds tight on ragged regions)
 _COARSE_FROM = 128 * 128  # crops with at least this many pixels take the coarse pass
-_MAX_BLOCKS = 4096  # more candidate blocks than this: the full distance transform is cheaper
+_MAX_BLOCKS = 8192  # more candidate blocks than this: the full distance transform is cheaper
 
 
 def _deepest(region: np.ndarray, excluded: np.ndarray) -> tuple[float, int, int]:
@@ -88,8 +88,8 @@ def _deepest_in_blocks(crop: np.ndarray) -> tuple[float, int, int] | None:
         er, ec = qr[lo:hi][near], qc[lo:hi][near]
         pr, pc = np.nonzero(crop[a : a + s, b : b + s])
         d2 = ((pr[:, None] + a - er) ** 2 + (pc[:, None] + b - ec) ** 2).min(axis=1)
-        for i in range(pr.size):
-            best = max(best, (int(d2[i]), -(a + int(pr[i])), -(b + int(pc[i]))))
+        i = int(np.argmax(d2))  # the first deepest pixel of the block in row-major order
+        best = max(best, (int(d2[i]), -(a + int(pr[i])), -(b + int(pc[i]))))
     return float(np.sqrt(best[0])), -best[1], -best[2]
 
 

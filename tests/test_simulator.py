@@ -32,6 +32,8 @@ def _shapes(rng: np.random.Generator):
     for sigma in (6, 15, 30):
         yield ndimage.gaussian_filter(rng.normal(size=(n, n)), sigma) > 0
     yield rng.random((n, n)) > 0.3
+    # ragged and mostly connected, a few pixels deep (a random-weight model's false positives): 2-pixel blocks bound it
+    yield ndimage.gaussian_filter(rng.normal(size=(n, n)), 2) > -0.1
 
 
 def test_deepest_equals_the_distance_transform():
