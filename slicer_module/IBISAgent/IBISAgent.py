@@ -130,6 +130,7 @@ class IBISAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.undoAcceptButton.connect("clicked(bool)", self.onUndoAccept)
         self.ui.continueButton.connect("clicked(bool)", self.onContinue)
         self.ui.undoToStepButton.connect("clicked(bool)", self.onUndoToStep)
+        self._setupVolumeSection()
 
         self.initializeParameterNode()
 
@@ -137,6 +138,7 @@ class IBISAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
         if self.logic:
             self.logic.statusCallback = None
+            self.logic.progressCallback = None
 
     def enter(self):
         self.initializeParameterNode()
@@ -157,6 +159,7 @@ class IBISAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
             self._connectPlaceWidgets()
         self._showTrajectory()
+        self._showVolumeStatus()
 
     # -- parameter node ---------------------------------------------------------------------------------------------
     def initializeParameterNode(self):
@@ -207,6 +210,11 @@ class IBISAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.maxStepsSpinBox.value = int(p.GetParameter("MaxSteps") or 10)
             self.ui.initialFromSegmentCheckBox.checked = p.GetParameter("InitialFromSegment") == "true"
             self.ui.agentContinuesCheckBox.checked = p.GetParameter("AgentContinues") == "true"
+            for spinBox, name in (
+                (self.volumeFirstSpinBox, "VolumeFirstSlice"),
+                (self.volumeLastSpinBox, "VolumeLastSlice"),
+            ):
+                spinBox.value = int(p.GetParameter(name) or -1)
             self.ui.runButton.enabled = bool(volume) and bool(p.GetParameter("Instruction").strip())
             self.ui.runButton.toolTip = (
                 "Run the agent on the slice."
@@ -237,6 +245,11 @@ class IBISAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.SetParameter("MaxSteps", str(self.ui.maxStepsSpinBox.value))
             p.SetParameter("InitialFromSegment", "true" if self.ui.initialFromSegmentCheckBox.checked else "false")
             p.SetParameter("AgentContinues", "true" if self.ui.agentContinuesCheckBox.checked else "false")
+            for spinBox, name in (
+                (self.volumeFirstSpinBox, "VolumeFirstSlice"),
+                (self.volumeLastSpinBox, "VolumeLastSlice"),
+            ):
+                p.SetParameter(name, "" if spinBox.value < 0 else str(spinBox.value))
         finally:
             p.EndModify(wasModified)
 
@@ -327,6 +340,123 @@ class IBISAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onUndoToStep(self):
         self._continue(undoTo=int(round(self.ui.stepSlider.value)))
+
+    # -- volume mode ------------------------------------------------------------------------------------------------
+    def _setupVolumeSection(self):
+        """The volume mode's controls, built here rather than in the .ui file: the range, the buttons, the per-slice
+        status list (a click jumps the views to that slice) and the progress text. Everything they do is Logic."""
+        box = qt.QGroupBox("Volume mode: key slice, propagation, repair")
+        form = qt.QFormLayout(box)
+        self.volumeFirstSpinBox, self.volumeLastSpinBox = qt.QSpinBox(), qt.QSpinBox()
+        for spinBox in (self.volumeFirstSpinBox, self.volumeLastSpinBox):
+            spinBox.minimum, spinBox.maximum = -1, 100000
+            spinBox.specialValueText = "until the object ends"
+            spinBox.connect("valueChanged(int)", self.updateParameterNodeFromGUI)
+        form.addRow("First slice:", self.volumeFirstSpinBox)
+        form.addRow("Last slice:", self.volumeLastSpinBox)
+        row = qt.QHBoxLayout()
+        self.volumeButtons = {}
+        for name, text, tip, handler in (
+            (
+                "run",
+                "Run volume",
+                "Segment the key slice (Run's slice, your points and/or the agent), then propagate.",
+                self.onRunVolume,
+            ),
+            ("propagate", "Propagate", "Propagate again over the first..last slice range.", self.onPropagateVolume),
+            (
+                "repair",
+                "Repair slice",
+                "Repair the selected slice with your points on it, or the agent.",
+                self.onRepairSlice,
+            ),
+            ("undo", "Undo slice", "Undo the last change of the selected slice.", self.onUndoSlice),
+            ("review", "Slice is right", "Mark the selected slice as reviewed, its mask kept.", self.onReviewSlice),
+            (
+                "accept",
+                "Accept volume",
+                "Write the proposed volume into the segment (one undo step).",
+                self.onAcceptVolume,
+            ),
+        ):
+            button = qt.QPushButton(text)
+            button.toolTip = tip
+            button.connect("clicked(bool)", handler)
+            row.addWidget(button)
+            self.volumeButtons[name] = button
+        form.addRow(row)
+        self.volumeStatusList = qt.QListWidget()
+        self.volumeStatusList.connect("currentRowChanged(int)", self.onVolumeSliceSelected)
+        form.addRow("Slices:", self.volumeStatusList)
+        self.volumeProgressLabel = qt.QLabel("-")
+        form.addRow("Progress:", self.volumeProgressLabel)
+        self.layout.addWidget(box)
+        self.logic.progressCallback = self.onVolumeProgress
+        self._showVolumeStatus()
+
+    def onVolumeProgress(self, progress):
+        self.volumeProgressLabel.text = progress.describe()
+        slicer.app.processEvents()
+
+    def _showVolumeStatus(self):
+        session = self.logic.volumeSession
+        self.volumeStatusList.clear()
+        for line in self.logic.volumeStatusLines():
+            self.volumeStatusList.addItem(line)
+        for name, button in self.volumeButtons.items():
+            button.enabled = name == "run" or session is not None
+        self.ui.undoAcceptButton.enabled = self.logic.canUndoAccept()
+
+    def _selectedVolumeSlice(self):
+        session = self.logic.volumeSession
+        row = self.volumeStatusList.currentRow
+        if session is None or not 0 <= row < len(session.result.slices):
+            raise ValueError("select a slice in the volume mode's list first")
+        return session.result.slices[row].index
+
+    def onVolumeSliceSelected(self, row):
+        session = self.logic.volumeSession
+        if session is not None and 0 <= row < len(session.result.slices):
+            with slicer.util.tryWithErrorDisplay("IBISAgent could not show the slice.", waitCursor=True):
+                self.logic.jumpToSlice(session.result.slices[row].index)
+
+    def _volumeAction(self, message, action):
+        self._syncLogicServer()
+        with slicer.util.tryWithErrorDisplay(message, waitCursor=True):
+            action()
+        self._showVolumeStatus()
+
+    def onRunVolume(self):
+        self._volumeAction(
+            "IBISAgent failed in volume mode.", lambda: self.logic.runVolumeFromParameterNode(self._parameterNode)
+        )
+
+    def onPropagateVolume(self):
+        args = self.logic.volumeArguments(self._parameterNode)
+        self._volumeAction(
+            "IBISAgent could not propagate.", lambda: self.logic.propagateVolume(args["firstSlice"], args["lastSlice"])
+        )
+
+    def onRepairSlice(self):
+        self._volumeAction(
+            "IBISAgent could not repair the slice.",
+            lambda: self.logic.repairSlice(
+                self._selectedVolumeSlice(), maxSteps=int(self._parameterNode.GetParameter("MaxSteps") or 10)
+            ),
+        )
+
+    def onUndoSlice(self):
+        self._volumeAction(
+            "IBISAgent could not undo the slice.", lambda: self.logic.undoSlice(self._selectedVolumeSlice())
+        )
+
+    def onReviewSlice(self):
+        self._volumeAction(
+            "IBISAgent could not mark the slice.", lambda: self.logic.acceptSlice(self._selectedVolumeSlice())
+        )
+
+    def onAcceptVolume(self):
+        self._volumeAction("IBISAgent could not accept the volume.", self.logic.acceptVolume)
 
 
 #
