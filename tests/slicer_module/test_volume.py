@@ -293,3 +293,50 @@ def test_the_client_polls_progress_and_asks_the_volume_task(stub):
     assert v.VolumeResult.from_dict(result).session_id == "abc123" and label is None
     assert ("GET", f"/ibisagent/progress/{pid}", "Bearer secret") in _Handler.seen
     assert ("POST", "/infer/ibisagent_volume?image=ct&output=json", "Bearer secret") in _Handler.seen
+
+
+def test_field_names_are_the_volume_tasks_fields():
+    pytest.importorskip("monailabel")
+    import dataclasses
+
+    from monailabel_app.lib.volume_request import ACTIONS, VOLUME_FIELDS
+
+    assert sorted(f.name for f in dataclasses.fields(v.VolumeRequest)) == sorted(VOLUME_FIELDS)
+    assert v.ACTIONS == ACTIONS
+
+
+def test_the_volume_task_parses_what_the_module_sends():
+    pytest.importorskip("monailabel")
+    from monailabel_app.lib.volume_request import VolumeParams
+
+    pid = v.new_progress_id()
+    sent = v.VolumeRequest(
+        " segment the lesion ",
+        axis=1,
+        key_slice=4,
+        foreground=[[3, 4, 5]],
+        background=[[1, 4, 2]],
+        first_slice=2,
+        last_slice=9,
+        repair_budget=2,
+        auto_repair=True,
+        progress_id=pid,
+        run_agent=False,
+        max_steps=3,
+    ).to_params(DIMS)
+    parsed = VolumeParams.parse(sent, step_limit=20, max_clicks=64, run_agent_default=True)
+    assert (parsed.instruction, parsed.axis, parsed.key_slice, parsed.first_slice, parsed.last_slice) == (
+        "segment the lesion",
+        1,
+        4,
+        2,
+        9,
+    )
+    assert parsed.foreground == [[3, 4, 5]] and parsed.background == [[1, 4, 2]] and parsed.progress_id == pid
+    assert (parsed.repair_budget, parsed.auto_repair, parsed.run_agent, parsed.max_steps) == (2, True, False, 3)
+    assert set(parsed.points_by_slice(1, DIMS)) == {4}
+    repair = v.VolumeRequest(
+        "segment the lesion", axis=1, session_id="s", action="repair", slice=4, foreground=[[3, 4, 5]], run_agent=False
+    ).to_params(DIMS)
+    parsed = VolumeParams.parse(repair, step_limit=20, max_clicks=64, run_agent_default=True)
+    assert (parsed.session_id, parsed.action, parsed.slice) == ("s", "repair", 4)
