@@ -33,6 +33,8 @@ from tests.monailabel_app.test_server import LIVER, TOOL, VOLUME, _build_studies
 
 TASK = "ibisagent_volume"
 LONG = "long_cyl"
+CROP = "ct_crop"  # the RECIST volume cut to 160x160 around its lesion: most tests use it (4x faster per slice)
+CROP_SIDE = 160
 LONG_SHAPE = (128, 128, 80)
 
 pytestmark = pytest.mark.skipif(
@@ -55,23 +57,37 @@ def _long_volume(path: Path) -> np.ndarray:
     return gt
 
 
+def _crop(studies: Path, data: dict) -> dict:
+    """`CROP`: the RECIST volume's CROP_SIDE x CROP_SIDE window around its lesion click, every slice."""
+    image = nib.load(str(studies / f"{VOLUME}.nii.gz"))
+    (i, j), shape = data["lesion_click"], image.shape
+    i0 = min(max(i - CROP_SIDE // 2, 0), shape[0] - CROP_SIDE)
+    j0 = min(max(j - CROP_SIDE // 2, 0), shape[1] - CROP_SIDE)
+    window = (slice(i0, i0 + CROP_SIDE), slice(j0, j0 + CROP_SIDE), slice(None))
+    affine = image.affine.copy()
+    affine[:3, 3] += affine[:3, :3] @ [i0, j0, 0]
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj)[window], affine), studies / f"{CROP}.nii.gz")
+    return {"crop_gts": data["volume_gts"][window], "crop_click": [i - i0, j - j0], "crop_affine": affine}
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("volume_task")
     studies = tmp / "studies"
     data = _build_studies(studies)
     long_gt = _long_volume(studies / f"{LONG}.nii.gz")
+    crop = _crop(studies, data)
     conf = {"tool": TOOL, "labels": "lesion", "max_volume_jobs": "1", "repair_budget": "3", "max_volume_sessions": "4"}
     srv = _Server("volume", studies, tmp, conf)
     try:
         srv.wait_ready()
-        yield {"server": srv, "tmp": tmp, "long_gt": long_gt, **data}
+        yield {"server": srv, "tmp": tmp, "long_gt": long_gt, **data, **crop}
     finally:
         srv.stop()
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------------
-def _post(server, params, image: str = VOLUME, output: str = "all", **query) -> requests.Response:
+def _post(server, params, image: str = CROP, output: str = "all", **query) -> requests.Response:
     data = {"params": json.dumps(params)}
     query = {"image": image, "output": output, **query}
     return requests.post(f"{server['server'].url}/infer/{TASK}", params=query, data=data, timeout=300)
@@ -100,7 +116,8 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _lesion_start(server, **extra) -> tuple[dict, np.ndarray]:
-    k, (i, j) = server["lesion_slice"], server["lesion_click"]
+    """A new session on CROP with one click on the lesion's largest slice."""
+    k, (i, j) = server["lesion_slice"], server["crop_click"]
     params = {"instruction": "segment the lesion", "foreground": [[i, j, k]], "run_agent": False, **extra}
     result, label, _ = _all(_post(server, params))
     return result, label
@@ -135,6 +152,7 @@ def test_a_new_session_segments_the_volume_from_clicks_on_the_key_slice(server):
                 "run_agent": False,
                 "progress_id": (pid := uuid.uuid4().hex),
             },
+            image=VOLUME,
         )
     )
     gt = server["volume_gts"] > 0
@@ -165,7 +183,7 @@ def test_a_new_session_segments_the_volume_from_clicks_on_the_key_slice(server):
 def test_a_repair_changes_only_its_slice_and_those_beyond_it_and_undo_restores(server):
     k = server["lesion_slice"]
     result, label = _lesion_start(server)
-    gt = server["volume_gts"] > 0
+    gt = server["crop_gts"] > 0
     slices = _by_index(result)
     # the first propagated slice above the key that still holds the lesion in the ground truth
     s = next(i for i in range(k + 1, gt.shape[2]) if gt[:, :, i].any() and i in slices)
@@ -345,7 +363,7 @@ def test_bad_continuations_are_refused_and_leave_the_session_unchanged(server):
     for params, fragment in bad:
         _refused(_post(server, {"session_id": sid, "run_agent": False, **params}, output="json"), 400, fragment)
     other = _post(server, {"session_id": sid, "action": "accept", "slice": k, "run_agent": False}, image=LONG)
-    _refused(other, 400, f"works on image {VOLUME!r}")
+    _refused(other, 400, f"works on image {CROP!r}")
     # unchanged: the same propagation again gives the same slices and label
     again, label2, _ = _all(_post(server, {"session_id": sid, "action": "propagate", "run_agent": False}))
     assert [(s["index"], s["status"], s["area"]) for s in again["slices"]] == [
@@ -383,7 +401,7 @@ def test_progress_of_an_unknown_id_is_404(server):
 
 
 def test_points_on_other_slices_become_user_repairs_and_the_rest_is_reported(server):
-    k, (i, j) = server["lesion_slice"], server["lesion_click"]
+    k, (i, j) = server["lesion_slice"], server["crop_click"]
     points = [[i, j, k], [i, j, k + 1], [i, j, k - 1], [i, j, k - 2], [i, j, k + 3]]
     result, label, _ = _all(
         _post(
@@ -416,17 +434,17 @@ def client(server, tmp_path):
 def test_the_stock_modules_3d_deepgrow_request_gives_a_volume_label(server, client):
     """What `onClickDeepgrow` sends for a dimension-3 deepgrow model: the segment's name, the points of every slice,
     no `slice`, and the task's config values (`getParamsFromConfig`)."""
-    k, (i, j) = server["lesion_slice"], server["lesion_click"]
+    k, (i, j) = server["lesion_slice"], server["crop_click"]
     config = client.info()["models"][TASK]["config"]
     params = {"label": "lesion", "foreground": [[i, j, k], [i, j, k - 1]], "background": [], **config}
-    label_path, result = client.infer(TASK, VOLUME, params)
+    label_path, result = client.infer(TASK, CROP, params)
     label = np.asanyarray(nib.load(label_path).dataobj)
-    assert label.shape == server["volume_shape"]
+    assert label.shape == server["crop_gts"].shape
     assert result["key_slice"] == k and result["summary"]["instruction"] == "segment the lesion"
     assert _by_index(result)[k - 1]["status"] == "repaired"
-    assert _dice(label, server["volume_gts"] > 0) > 0.75
+    assert _dice(label, server["crop_gts"] > 0) > 0.75
     # File > Add Data: the same volume through an upload session
-    path = server["tmp"] / "studies" / f"{VOLUME}.nii.gz"
+    path = server["tmp"] / "studies" / f"{CROP}.nii.gz"
     sid = client.create_session(str(path))["session_id"]
     label_path, result = client.infer(TASK, "added", params, session_id=sid)
     assert result["image"] == f"upload-{sid}" and np.asanyarray(nib.load(label_path).dataobj).shape == label.shape
