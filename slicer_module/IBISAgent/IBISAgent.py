@@ -432,9 +432,9 @@ class IBISAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
 
     def onPropagateVolume(self):
-        args = self.logic.volumeArguments(self._parameterNode)
         self._volumeAction(
-            "IBISAgent could not propagate.", lambda: self.logic.propagateVolume(args["firstSlice"], args["lastSlice"])
+            "IBISAgent could not propagate.",
+            lambda: self.logic.propagateVolume(*self.logic.volumeRange(self._parameterNode)),
         )
 
     def onRepairSlice(self):
@@ -596,6 +596,7 @@ class IBISAgentLogic(ScriptedLoadableModuleLogic):
         self.volumeSession = None
         self.statusCallback = None
         self.progressCallback = None
+        self._volumeBusy = False  # the progress callback lets Slicer process events: no second request meanwhile
         self._acceptUndoStack = []
 
     def setDefaultParameters(self, parameterNode):
@@ -945,10 +946,20 @@ class IBISAgentLogic(ScriptedLoadableModuleLogic):
         args = self.runArguments(parameterNode)
         args.pop("initialFromSegment")
         args["keySlice"] = args.pop("sliceIndex")
-        for name, key in (("VolumeFirstSlice", "firstSlice"), ("VolumeLastSlice", "lastSlice")):
-            value = parameterNode.GetParameter(name).strip()
-            args[key] = int(value) if value else None
+        args["firstSlice"], args["lastSlice"] = self.volumeRange(parameterNode)
         return args
+
+    @staticmethod
+    def volumeRange(parameterNode):
+        """(first, last) slice of the propagation range in the parameter node; None where it is not set."""
+        out = []
+        for name in ("VolumeFirstSlice", "VolumeLastSlice"):
+            value = parameterNode.GetParameter(name).strip()
+            try:
+                out.append(int(value) if value else None)
+            except ValueError as exc:
+                raise ValueError(f"{name} {value!r} must be a slice index or empty") from exc
+        return tuple(out)
 
     def runVolumeFromParameterNode(self, parameterNode):
         """Run in volume mode with the parameter node's arguments and the points placed so far (then cleared), and
@@ -1090,7 +1101,16 @@ class IBISAgentLogic(ScriptedLoadableModuleLogic):
     def _volumeCall(self, client, session, request):
         """Send `request` for `session` on a worker thread (HTTP only: no Qt or MRML there), poll its progress here,
         then take the answer into the session and show the proposed volume."""
+        if self._volumeBusy:
+            raise ValueError("a volume request is still running; wait for it to finish")
         params = request.to_params(session.dimsIjk())
+        self._volumeBusy = True
+        try:
+            self._volumeExchange(client, session, request, params)
+        finally:
+            self._volumeBusy = False
+
+    def _volumeExchange(self, client, session, request, params):
         box = {}
 
         def work():

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import slicer
 import vtk
-from IBISAgentLib import IBISAgentClient, VolumeProgress
+from IBISAgentLib import IBISAgentClient, VolumeProgress, nifti_bytes, read_nifti
 
 from tests.slicer_core.harness import add_transform, geometries, homogeneous, segment_world_points, to_world, vtk_array
 
@@ -263,3 +263,36 @@ def test_volume_mode_from_the_parameter_node(ibisagent_module, scene, server, ct
     assert result.range[0] == k - 1 and result.status(k).status == "key"
     assert logic.markupsNode(logic.ROLE_INPUT_POSITIVE).GetNumberOfControlPoints() == 0
     assert p.GetNodeReference("Segmentation") is logic.volumeSession.segmentationNode
+
+
+def test_an_answer_for_another_volume_changes_nothing(ibisagent_module, scene, server, ct, answers, monkeypatch):
+    """Answers the Logic must refuse, each leaving the session and the preview as they were: a label in another voxel
+    grid (shifted by half a voxel), a 2D answer, an answer along another axis; and a second request while one runs."""
+    volume, world_from_ct = make_volume("moved-oblique", ct, server)
+    i, j, k = ct["click"][::-1]
+    logic = ibisagent_module.IBISAgentLogic(server["url"])
+    first = logic.runVolume(
+        volume, k, 2, "segment the lesion", positiveRas=[(world_from_ct @ [i, j, k, 1.0])[:3]], runAgent=False
+    )
+    segmentation = logic.volumeSession.segmentationNode
+    preview = logic.previewSegmentId(create=False, segmentationNode=segmentation)
+    shown = segment_world_points(segmentation, preview)
+    _, raw, label_bytes = answers[-1]
+    label, affine = read_nifti(label_bytes)
+    shifted = affine.copy()
+    shifted[:3, 3] += 0.5 * affine[:3, 0]
+    bad = {
+        "not in the voxel grid": (raw, nifti_bytes(label, shifted)),
+        "2D task": ({"session_id": raw["session_id"], "trajectory": {"version": "1"}}, label_bytes),
+        "slice axis 1": ({**raw, "axis": 1}, label_bytes),
+        "no label file": (raw, None),
+    }
+    for message, answer in bad.items():
+        monkeypatch.setattr(ibisagent_module.IBISAgentClient, "infer", lambda *a, answer=answer, **kw: answer)
+        with pytest.raises(ValueError, match=message):
+            logic.propagateVolume()
+        assert logic.volumeSession.result is first
+        np.testing.assert_array_equal(segment_world_points(segmentation, preview), shown)
+    logic._volumeBusy = True  # what a click during a running request meets (Slicer processes events while polling)
+    with pytest.raises(ValueError, match="still running"):
+        logic.undoSlice(k)
