@@ -62,20 +62,36 @@ def check_direction(start: int, direction: int, stop: int) -> None:
 
 
 class ToolPropagator:
-    """Weight-free propagation with any `SegmentationTool`: the neighbour slice's mask seeds the next slice.
+    """Weight-free propagation with any `SegmentationTool`: the neighbour slice's mask guides the tool's clicks.
 
-    Per slice: the object's grey level on the previous mask (median, spread) picks the pixels of the previous mask
-    that still look like the object here (the *support*); its share of the previous mask is the object score, and
-    a support below `min_support` means the object has ended. The support's deepest pixel becomes a positive click
-    for the tool (with the previous mask as `prev_logits` through `mask_to_logits` when `use_prior` is set), and the
-    tool's mask is kept within the previous mask grown by a margin (objects change little between slices): the
-    component holding the click.
+    Per slice, with P the previous slice's mask (r its equivalent radius):
 
-    use_prior: pass the neighbour's mask as the tool's initial mask. Model tools (SAM-family) refine it; the
-               classical tool keeps a mask that agrees with the click unchanged by design (a click that agrees
-               changes nothing), so for it the prior would copy the mask forward: off by default.
-    growth:    the margin is growth x the previous mask's equivalent radius + 2 pixels.
-    tolerance: grey levels within max(tolerance x spread, 12) of the median count as the object.
+    1. Intensity model and stop rule. The object's grey level on P (median, spread) picks the pixels of P that
+       still look like the object here (the *support*); its share of P is the object score, and a support below
+       `min_support` means the object has ended (empty mask).
+    2. Seeds from P. The *core* is P eroded by `erode` x r (at least 1 pixel) within the support: pixels that are
+       the object here unless it moved more than that. The *allowed band* is P grown by `growth` x r + 2 pixels
+       (objects change little between slices).
+    3. Guided clicks. A positive click at the core's deepest pixel (with P as the tool's initial mask through
+       `mask_to_logits` when `use_prior` is set); then, up to `max_clicks` clicks in all, the simulator's next
+       click against the guide "the tool's mask within the band, plus the core": a positive click where the mask
+       misses the core, a negative one where it spills out of the band, until the deepest remaining error is
+       thinner than `min_depth` pixels.
+    4. Shape continuity. A tool mask whose share inside the band is below `trust` leaked into the surroundings
+       (weak edges): it may then only shrink P, not grow it (mask & P); otherwise it is kept within the band. The
+       components touching the core are kept (the largest one if none does) and holes filled. The object score
+       is the support's share x the mask's share inside the band x the tool's own score.
+
+    use_prior:   pass the neighbour's mask as the tool's initial mask. Model tools (SAM-family) refine it; the
+                 classical tool keeps a mask that agrees with the click unchanged by design (a click that agrees
+                 changes nothing), so for it the prior would copy the mask forward: off by default.
+    growth:      the band's margin is growth x r + 2 pixels.
+    tolerance:   grey levels within max(tolerance x spread, 12) of the median count as the object.
+    min_support: the object has ended where less than this share of P still looks like it.
+    erode:       the core is P eroded by erode x r pixels (at least 1).
+    max_clicks:  clicks per slice (1: the seed click only).
+    min_depth:   no guided click on an error thinner than this (pixels from its edge to its deepest pixel).
+    trust:       a tool mask with a smaller share inside the band only shrinks P.
     """
 
     def __init__(
@@ -85,11 +101,22 @@ class ToolPropagator:
         growth: float = 0.15,
         tolerance: float = 3.0,
         min_support: float = 0.2,
+        erode: float = 0.35,
+        max_clicks: int = 4,
+        min_depth: float = 2.0,
+        trust: float = 0.97,
     ):
+        if max_clicks < 1 or not 0 <= trust <= 1 or min(growth, tolerance, min_support, erode, min_depth) < 0:
+            raise ValueError(
+                f"ToolPropagator: max_clicks must be >= 1, trust in [0, 1] and growth, tolerance, min_support, "
+                f"erode, min_depth >= 0; got max_clicks={max_clicks}, trust={trust}, growth={growth}, "
+                f"tolerance={tolerance}, min_support={min_support}, erode={erode}, min_depth={min_depth}"
+            )
         self.tool = tool
         self.name = f"{getattr(tool, 'name', type(tool).__name__)}-propagation"
         self.use_prior = use_prior
         self.growth, self.tolerance, self.min_support = growth, tolerance, min_support
+        self.erode, self.max_clicks, self.min_depth, self.trust = erode, max_clicks, min_depth, trust
         self._slices: SliceStack | None = None
         self._anchors: dict[int, np.ndarray] = {}
 
@@ -133,29 +160,51 @@ class ToolPropagator:
 
     def _step(self, index: int, prev: np.ndarray, prev_grey: np.ndarray) -> SliceOutput:
         slices = self._stack()
-        grey = slices.grey(index)
+        grey = slices.grey(index).astype(np.float32)
         empty = np.zeros(prev.shape, bool)
         if not prev.any():
             return SliceOutput(index, empty, 0.0)
         inside = prev_grey[prev].astype(np.float32)
         median = float(np.median(inside))
         spread = float(np.median(np.abs(inside - median))) * 1.4826
-        similar = np.abs(grey.astype(np.float32) - median) <= max(self.tolerance * spread, 12.0)
+        similar = np.abs(grey - median) <= max(self.tolerance * spread, 12.0)
         support = prev & similar
         score = float(support.sum()) / float(prev.sum())
         if score < self.min_support:
             return SliceOutput(index, empty, score)
-        seed = next_click(empty, support)
         radius = np.sqrt(prev.sum() / np.pi)
         allowed = ndimage.binary_dilation(prev, iterations=int(round(self.growth * radius)) + 2)
+        core = ndimage.binary_erosion(prev, iterations=max(int(round(self.erode * radius)), 1)) & similar
+        if not core.any():
+            core = support
         self.tool.set_image(slices.image(index))
-        prior = self.tool.mask_to_logits(prev) if self.use_prior else None
-        out = self.tool.predict([seed], prior)
-        # A fresh segmentation that spills far beyond the grown neighbour is the surrounding tissue: the object
-        # has ended here (or the tool leaked); its share inside the allowed region scores that.
+        clicks = [next_click(empty, core)]
+        out = self.tool.predict(clicks, self.tool.mask_to_logits(prev) if self.use_prior else None)
+        while len(clicks) < self.max_clicks:
+            guide = (out.mask & allowed) | core
+            click = next_click(out.mask, guide, clicks)
+            if click is None:
+                break
+            error = guide & ~out.mask if click.positive else out.mask & ~guide
+            if ndimage.distance_transform_edt(np.pad(error, 1)).max() < self.min_depth:
+                break
+            clicks.append(click)
+            out = self.tool.predict(clicks, out.logits)
+        # A mask that spills far beyond the band is the surrounding tissue (weak edges): there the tool's mask only
+        # tells where the object shrank. Its share inside the band also scores the slice.
         contained = float((out.mask & allowed).sum()) / max(float(out.mask.sum()), 1.0)
-        mask = out.mask & allowed
-        labels, _ = ndimage.label(mask)
-        row, col = seed.pixel(*mask.shape)
-        mask = labels == labels[row, col] if labels[row, col] else support
+        mask = _components_touching(out.mask & (prev if contained < self.trust else allowed), core)
+        mask = ndimage.binary_fill_holes(mask)
         return SliceOutput(index, mask, score * contained * float(np.clip(out.score, 0.0, 1.0)))
+
+
+def _components_touching(mask: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """The connected components of `mask` (HxW bool) that hold a pixel of `seeds`; the largest if none does."""
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    keep = np.unique(labels[seeds & mask])
+    keep = keep[keep > 0]
+    if keep.size == 0:
+        keep = [int(np.argmax(ndimage.sum(mask, labels, range(1, n + 1)))) + 1]
+    return np.isin(labels, keep)
