@@ -450,3 +450,127 @@ def test_the_stock_modules_3d_deepgrow_request_gives_a_volume_label(server, clie
     assert result["image"] == f"upload-{sid}" and np.asanyarray(nib.load(label_path).dataobj).shape == label.shape
     with pytest.raises(MONAILabelClientException, match="is a 2D image"):
         client.infer(TASK, LIVER, {**params, "foreground": [[1, 1, 0]]})
+
+
+# -- without a server: the progress board, the token on its endpoint, sessions freed when they end ----------------------
+def test_progress_entries_are_bounded_and_expire():
+    from monailabel_app.lib.errors import RequestError
+    from monailabel_app.lib.progress import ProgressBoard
+
+    now = [0.0]
+    board = ProgressBoard(max_entries=2, keep_s=10.0, clock=lambda: now[0])
+    ids = [uuid.uuid4().hex for _ in range(3)]
+    first = board.start(ids[0], 5)
+    first.phase("propagate", slices_total=7)
+    first.tick()
+    now[0] = 1.5
+    assert board.get(ids[0]) == {
+        "state": "running",
+        "phase": "propagate",
+        "slices_done": 1,
+        "slices_total": 7,
+        "seconds": 1.5,
+    }
+    with pytest.raises(RequestError, match="still running"):
+        board.start(ids[0], 1)
+    first.finish(True)
+    board.start(ids[1], 1)
+    board.start(ids[2], 1)  # the oldest goes
+    with pytest.raises(RequestError, match="unknown or expired"):
+        board.get(ids[0])
+    now[0] = 30.0
+    with pytest.raises(RequestError, match="unknown or expired"):
+        board.get(ids[2])
+    with pytest.raises(RequestError, match="32 lowercase hex"):
+        board.start("ABC", 1)
+
+
+def test_the_progress_endpoint_needs_the_token():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from monailabel_app.lib.endpoints import install, is_served
+    from monailabel_app.lib.progress import BOARD
+
+    app = FastAPI()
+    token = "a-token-of-sixteen-or-more"
+    install(app, 1 << 20, token)
+    pid = uuid.uuid4().hex
+    BOARD.start(pid, 3).finish(True)
+    client = TestClient(app)
+    assert is_served("GET", f"/ibisagent/progress/{pid}")
+    assert client.get(f"/ibisagent/progress/{pid}").status_code == 401
+    ok = client.get(f"/ibisagent/progress/{pid}", headers={"Authorization": f"Bearer {token}"})
+    assert ok.status_code == 200 and ok.json()["state"] == "done"
+    assert client.get("/health").status_code == 200
+
+
+def test_evicted_and_expired_volume_sessions_are_freed():
+    from monailabel_app.lib.sessions import SessionStore
+
+    class Entry:
+        def __init__(self, sid):
+            self.id = sid
+
+    now, ended = [0.0], []
+    store = SessionStore(10.0, 2, clock=lambda: now[0], on_end=lambda e: ended.append(e.id))
+    for sid in ("a", "b", "c"):
+        store.add(Entry(sid))
+    assert ended == ["a"]  # evicted
+    now[0] = 11.0
+    assert len(store) == 0 and sorted(ended) == ["a", "b", "c"]  # expired
+
+
+def _task(policy_factory=None, max_sessions: int = 4):
+    from ibisagent.tools import build_propagator, build_tool
+    from monailabel_app.lib.infers.ibisagent_volume_task import IBISAgentVolumeTask
+
+    return IBISAgentVolumeTask(
+        tool_factory=lambda: build_tool("classical"),
+        propagator_factory=build_propagator,
+        policy_factory=policy_factory,
+        dialect="ibis",
+        max_steps=5,
+        session_ttl=600,
+        max_sessions=max_sessions,
+        max_jobs=1,
+        repair_budget=4,
+        labels=["lesion"],
+        server_info={},
+    )
+
+
+def _gap_volume(tmp_path: Path) -> str:
+    """A 64x64x20 disc in noise on slices 2..17 that fades out on slice 13 (a gap the audit flags)."""
+    size, depth = 64, 20
+    ii, jj = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    gt = np.zeros((size, size, depth), bool)
+    gt[:, :, 2 : depth - 2] = ((ii - 32) ** 2 + (jj - 32) ** 2 < 14**2)[..., None]
+    volume = np.random.default_rng(0).normal(60, 6, gt.shape)
+    volume[gt] += 100
+    volume[:, :, GAP][gt[:, :, GAP]] -= 100
+    path = tmp_path / "gap.nii.gz"
+    nib.save(nib.Nifti1Image(volume.astype(np.int16), np.eye(4)), path)
+    return str(path)
+
+
+GAP = 13
+
+
+def test_auto_repair_lets_the_agent_review_flagged_slices_and_evicted_sessions_are_closed(tmp_path):
+    """In process: a policy that terminates at once looks at each flagged slice and accepts it (marked reviewed, no
+    repair spent); a second session beyond max_sessions 1 frees the first one's propagator."""
+    from ibisagent.policies.replay import ReplayPolicy
+    from monailabel_app.lib.request import IMAGE_ID_KEY
+
+    task = _task(lambda: ReplayPolicy([]), max_sessions=1)
+    request = {IMAGE_ID_KEY: "gap", "image": _gap_volume(tmp_path), "instruction": "x", "foreground": [[32, 32, 8]]}
+    _, plain = task({**request, "run_agent": False})
+    first = task.sessions.get(plain["session_id"])
+    _, reviewed = task({**request, "run_agent": False, "auto_repair": True})
+    assert first.closed and first.volume.propagator.inner._slices is None  # evicted: its state freed
+    assert reviewed["flagged"] == [] and reviewed["repairs_used"] == 0
+    assert GAP in plain["flagged"], plain["slices"]
+    agent_seen = {s["index"] for s in reviewed["slices"] if s["reviewed"]}
+    assert agent_seen >= set(plain["flagged"]) and reviewed["stop_reason"] != "agent_not_run"
+    assert [s["area"] for s in reviewed["slices"]] == [s["area"] for s in plain["slices"]]
