@@ -418,7 +418,11 @@ class IBISAgentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         session = self.logic.volumeSession
         if session is not None and 0 <= row < len(session.result.slices):
             with slicer.util.tryWithErrorDisplay("IBISAgent could not show the slice.", waitCursor=True):
-                self.logic.jumpToSlice(session.result.slices[row].index)
+                index = session.result.slices[row].index
+                self.logic.jumpToSlice(index)
+                trajectory = self.logic.volumeSliceTrajectory(index)
+                steps = trajectory.steps if trajectory is not None else []
+                self.ui.reasoningTextEdit.setPlainText("\n\n".join(step.describe() for step in steps))
 
     def _volumeAction(self, message, action):
         self._syncLogicServer()
@@ -1167,6 +1171,11 @@ class IBISAgentLogic(ScriptedLoadableModuleLogic):
         if r.ignored_points:
             text += f" The server ignored {len(r.ignored_points)} point(s) (not on the slice it worked on)."
         return text
+
+    def volumeSliceTrajectory(self, sliceIndex):
+        """The 2D trajectory (TrajectoryView) that made slice `sliceIndex` (the key or a repair), or None."""
+        vs = self.volumeSession
+        return vs.result.trajectories.get(int(sliceIndex)) if vs is not None and vs.result else None
 
     def volumeStatusLines(self):
         """The per-slice status list as text lines (what the Widget lists)."""

@@ -226,6 +226,17 @@ def test_range_repair_undo_and_review(ibisagent_module, scene, server, ct, answe
     assert undone.status(other.index).status == "propagated" and undone.repairs_used == 0
     assert undone.status(other.index).area == other.area
 
+    # the agent (the server's tiny random policy) repairs a slice; its 2D trajectory comes with the answer
+    by_agent = next(s for s in undone.slices if s.status == "propagated" and s.index != other.index)
+    # (a policy that stops without clicking leaves the slice as it is, reviewed, and spends no repair)
+    agent = logic.repairSlice(by_agent.index, positiveRas=[], negativeRas=[], runAgent=True, maxSteps=1)
+    after = agent.status(by_agent.index)
+    assert after.status == "repaired" or (after.reviewed and after.area == by_agent.area and agent.repairs_used == 0)
+    trajectory = logic.volumeSliceTrajectory(by_agent.index)
+    assert trajectory is not None and trajectory.image_size == logic.volumeSession.label[0].shape
+    if after.status == "repaired":
+        logic.undoSlice(by_agent.index)
+
     # review a slice as it is
     reviewed = logic.acceptSlice(other.index)
     assert reviewed.status(other.index).reviewed

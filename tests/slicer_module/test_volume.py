@@ -61,6 +61,15 @@ def test_a_summary_is_read_in_slice_order():
     assert v.VolumeResult.from_json(json.dumps(summary())).session_id == "abc123"
 
 
+def test_the_trajectories_of_key_and_repaired_slices_are_read_and_checked():
+    t = {"version": "1", "image_size": [30, 40], "steps": [{"index": 0, "text": "<think>x</think>", "masks": {}}]}
+    r = v.VolumeResult.from_dict(summary(trajectories={"9": t}))
+    assert r.trajectories[9].image_size == (30, 40) and r.trajectories[9].num_steps == 1
+    for bad in ({"3": t}, {"nine": t}, {"9": {"version": "1", "image_size": [0, 4]}}, [t], {"9": {"version": "2"}}):
+        with pytest.raises(v.VolumeFormatError):
+            v.VolumeResult.from_dict(summary(trajectories=bad))
+
+
 def test_a_2d_answer_and_other_schemas_are_refused_with_a_message():
     two_d = {"session_id": "s", "trajectory": {"version": "1", "steps": []}, "axis": 2, "slice": 3}
     with pytest.raises(v.UnsupportedVolumeSchema, match="2D task 'ibisagent'"):

@@ -11,7 +11,8 @@ continuation session_id + action ("repair" | "undo_slice" | "propagate" | "accep
 Result summary (the JSON beside the label file): {"schema": "volume-1", "session_id", "image", "axis", "key_slice",
 "range": [first, last], "slices": [{"index", "status": "key"|"propagated"|"absent"|"repaired", "source", "score",
 "flagged", "reasons", "reviewed", "area"}], "flagged": [index], "repairs_used", "repair_budget", "changed": [index],
-"ignored_points", "stop_reason", "seconds"}. The label file is the whole volume's label (uint8 0/1) in the image's
+"ignored_points", "stop_reason", "seconds", optional "trajectories": {"<slice index>": 2D trajectory (version 1)}
+of key and repaired slices}. The label file is the whole volume's label (uint8 0/1) in the image's
 geometry. Progress (GET /ibisagent/progress/<progress_id>): {"state": "running"|"done"|"failed", "phase",
 "slices_done", "slices_total", "seconds"}.
 
@@ -279,6 +280,7 @@ class VolumeResult:
     stop_reason: str | None = None
     seconds: float | None = None
     schema: str = VOLUME_SCHEMA
+    trajectories: dict[int, TrajectoryView] = field(default_factory=dict, repr=False)
     raw: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -331,6 +333,18 @@ class VolumeResult:
             seconds = d.get("seconds")
             if seconds is not None and not (_is_number(seconds) and seconds >= 0):
                 raise VolumeFormatError(f"{where}'seconds' must be a number >= 0, got {str(seconds)[:40]}")
+            trajectories = {}
+            raw_trajectories = d.get("trajectories") or {}
+            if not isinstance(raw_trajectories, dict):
+                raise VolumeFormatError(f"{where}'trajectories' must be an object {{slice index: trajectory}}")
+            for name, t in raw_trajectories.items():
+                index = int(name) if isinstance(name, str) and name.isdigit() else None
+                if index is None or index not in listed:
+                    raise VolumeFormatError(f"{where}'trajectories' key {str(name)[:20]!r} is not a listed slice")
+                try:
+                    trajectories[index] = TrajectoryView.from_dict(t)
+                except TrajectoryFormatError as exc:
+                    raise VolumeFormatError(f"{where}trajectories[{index}]: {exc}") from exc
             ignored = d.get("ignored_points") or []
             if not isinstance(ignored, list):
                 raise VolumeFormatError(f"{where}'ignored_points' must be a list, got {type(ignored).__name__}")
@@ -349,6 +363,7 @@ class VolumeResult:
                 stop_reason=None if d.get("stop_reason") is None else str(d["stop_reason"])[:500],
                 seconds=None if seconds is None else float(seconds),
                 schema=str(d.get("schema")),
+                trajectories=trajectories,
                 raw=d,
             )
         except TrajectoryFormatError:
