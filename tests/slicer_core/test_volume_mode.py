@@ -270,7 +270,13 @@ def test_volume_mode_from_the_parameter_node(ibisagent_module, scene, server, ct
         vtk.vtkVector3d(*(world_from_ct @ [i, j, k, 1.0])[:3])
     )
     p.SetParameter("MaxSteps", "1")
+    logic.PROGRESS_POLL_SECONDS = 0.02  # poll often: the server's own reports arrive while it propagates
+    reports = []
+    logic.progressCallback = reports.append
     result = logic.runVolumeFromParameterNode(p)
+    live = [r for r in reports if r.state == "running" and r.phase == "propagate"]
+    assert live and all(r.slices_total and 0 <= r.slices_done <= r.slices_total for r in live)
+    assert [r.slices_done for r in live] == sorted(r.slices_done for r in live)
     assert result.range[0] == k - 1 and result.status(k).status == "key"
     assert logic.markupsNode(logic.ROLE_INPUT_POSITIVE).GetNumberOfControlPoints() == 0
     assert p.GetNodeReference("Segmentation") is logic.volumeSession.segmentationNode
