@@ -34,6 +34,7 @@ mask given through `mask_to_logits` is remembered the same way, so refining it s
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, fields
 
@@ -317,9 +318,19 @@ class ClassicalTool(SegmentationTool):
         r0, r1 = max(0, box[0] - width - 1), min(h, box[1] + width + 1)
         c0, c1 = max(0, box[2] - width - 1), min(w, box[3] + width + 1)
         m = mask[r0:r1, c0:c1]
-        unknown = np.where(m, ndimage.distance_transform_edt(m), ndimage.distance_transform_edt(~m)) <= width
-        inner = np.zeros_like(unknown)
+        inner = np.zeros(m.shape, bool)
         inner[box[0] - r0 : box[1] - r0, box[2] - c0 : box[3] - c0] = True if allowed is None else allowed
+        # Pixels within `width` of the other label, looked for only around the allowed pixels (a zone is often a
+        # small part of its window): the same pixels as a distance transform of the whole window, several times
+        # cheaper (the transforms were the slowest part of a click on 1024^2 images).
+        rows, cols = np.flatnonzero(inner.any(1)), np.flatnonzero(inner.any(0))
+        if rows.size == 0:
+            return
+        a0, a1 = max(0, rows[0] - width - 1), min(m.shape[0], rows[-1] + width + 2)
+        b0, b1 = max(0, cols[0] - width - 1), min(m.shape[1], cols[-1] + width + 2)
+        sub = m[a0:a1, b0:b1]
+        unknown = np.zeros_like(inner)
+        unknown[a0:a1, b0:b1] = np.where(sub, _within(~sub, width), _within(sub, width))
         unknown &= inner
         unknown[0] = unknown[-1] = False
         unknown[:, 0] = unknown[:, -1] = False
@@ -398,6 +409,32 @@ def _component_at(region: np.ndarray, r: int, c: int) -> np.ndarray:
     lab, _ = ndimage.label(region)
     k = lab[r, c]
     return lab == k if k > 0 else np.zeros_like(region)
+
+
+def _within(target: np.ndarray, radius: int) -> np.ndarray:
+    """HxW bool: the pixels at Euclidean distance <= `radius` (an int) from a True pixel of `target` (HxW bool).
+
+    The disk is dilated row by row: for each row offset dy, a run of +-floor(sqrt(radius^2 - dy^2)) columns, from
+    a cumulative count along the rows (a few full-array passes per row offset instead of a distance transform).
+    """
+    h, w = target.shape
+    out = np.zeros((h, w), bool)
+    if radius < 0 or not target.any():
+        return out
+    pad = radius + 1
+    count = np.zeros((h, w + 1 + 2 * pad), np.int32)  # count[:, pad + j] = True pixels left of column j
+    np.cumsum(target, axis=1, out=count[:, pad + 1 : pad + 1 + w])
+    count[:, pad + 1 + w :] = count[:, pad + w : pad + w + 1]
+    runs: dict[int, np.ndarray] = {}
+    for dy in range(-min(radius, h - 1), min(radius, h - 1) + 1):
+        k = math.isqrt(radius * radius - dy * dy)
+        if k not in runs:  # True where a True pixel lies within k columns on the same row
+            runs[k] = count[:, pad + k + 1 : pad + k + 1 + w] > count[:, pad - k : pad - k + w]
+        if dy >= 0:
+            out[: h - dy] |= runs[k][dy:]
+        else:
+            out[-dy:] |= runs[k][: h + dy]
+    return out
 
 
 def _distance_to(target: np.ndarray, r: int, c: int) -> float:
