@@ -234,6 +234,27 @@ def test_foreground_click_inside_the_initial_mask_does_not_shrink_it(liver):
     assert out.mask.sum() >= gt.sum() and iou(out.mask, gt) >= 0.98, (gt.sum(), out.mask.sum())
 
 
+@needs_demo
+@pytest.mark.parametrize(
+    "name", ["07_CT_abdomen_kidney+cyst", "14_MRI_prostate_prostate", "25_dermoscopy_skin_melanoma"]
+)
+def test_the_worst_far_click_drops_of_issue_20_stay_fixed(name):
+    """The oracle's first click, then a background click at the image corner farthest from the object: these three
+    lost 0.83, 0.72 and 0.70 IoU when the correction zone grew with the click's distance from the mask."""
+    sample = {s.name: s for s in list_biomedparse(DEMO)}[name]
+    image = read_image(sample.image)
+    gt = read_mask(sample.mask, image.shape[:2])
+    tool = ClassicalTool()
+    tool.set_image(image)
+    first = next_click(np.zeros(gt.shape, bool), gt)
+    one = tool.predict([first])
+    far = far_background_click(gt)
+    two = tool.predict([first, far], one.logits)
+    assert two.mask.any(), f"{name}: the far click {far} emptied the mask"
+    assert iou(two.mask, gt) >= iou(one.mask, gt) - 0.02, (name, iou(one.mask, gt), iou(two.mask, gt))
+    assert iou(two.mask, one.mask) >= 0.98, f"{name}: a click far from the object changed the mask"
+
+
 # The user-click scenarios of benchmarks/bench_user_clicks.py on a few masks; the full figures come from the benchmark.
 USER_MASKS = (
     "06_CT_abdomen_spleen",
