@@ -25,6 +25,7 @@ from lib.infers.ibisagent_task import IBISAgentTask
 from lib.infers.ibisagent_volume_task import IBISAgentVolumeTask
 from lib.progress import BOARD
 from lib.request import IMAGE_ID_KEY, SESSION_IMAGE_KEY
+from lib.sessions import ToolLeases
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import DefaultLabelTag
 
@@ -112,26 +113,33 @@ class IBISAgentApp(MONAILabelApp):
 
         c = self.config
         server_info = {k: v for k, v in asdict(c).items() if k != "labels"}
+        task = IBISAgentTask(
+            tool=self._tool,
+            tool_factory=lambda: c.tool_spec.build(c.device),
+            policy_factory=self._policy_factory,
+            dialect=c.dialect,
+            max_steps=c.max_steps,
+            session_ttl=c.session_ttl,
+            max_sessions=c.max_sessions,
+            embedding_cache=c.embedding_cache,
+            max_clicks=c.max_clicks,
+            max_session_steps=c.max_session_steps,
+            instruction_for=c.instruction_for,
+            max_pixels=c.max_image_megapixels * 1_000_000,
+            max_voxels=c.max_volume_megavoxels * 1_000_000,
+            labels=c.label_names,
+            server_info=server_info,
+        )
+        # The weight-free tool is cheap: each volume job builds its own. A model tool is borrowed from the 2D task's
+        # pool (no second copy of the weights; volume and 2D requests then take turns on its embedding_cache slots).
+        if c.tool == "classical":
+            tools = ToolLeases(lambda: c.tool_spec.build(c.device), c.max_volume_jobs).lease
+        else:
+            tools = task.pool.borrow
         return {
-            TASK: IBISAgentTask(
-                tool=self._tool,
-                tool_factory=lambda: c.tool_spec.build(c.device),
-                policy_factory=self._policy_factory,
-                dialect=c.dialect,
-                max_steps=c.max_steps,
-                session_ttl=c.session_ttl,
-                max_sessions=c.max_sessions,
-                embedding_cache=c.embedding_cache,
-                max_clicks=c.max_clicks,
-                max_session_steps=c.max_session_steps,
-                instruction_for=c.instruction_for,
-                max_pixels=c.max_image_megapixels * 1_000_000,
-                max_voxels=c.max_volume_megavoxels * 1_000_000,
-                labels=c.label_names,
-                server_info=server_info,
-            ),
+            TASK: task,
             VOLUME_TASK: IBISAgentVolumeTask(
-                tool_factory=lambda: c.tool_spec.build(c.device),
+                tools=tools,
                 propagator_factory=lambda tool: build_propagator(tool, c.checkpoint, c.tool_config, c.device),
                 policy_factory=self._policy_factory,
                 dialect=c.dialect,
@@ -147,6 +155,7 @@ class IBISAgentApp(MONAILabelApp):
                 labels=c.label_names,
                 server_info=server_info,
                 progress=BOARD,
+                agent_lock=task._agent_lock,  # one model: 2D and volume requests take turns on it
             ),
         }
 

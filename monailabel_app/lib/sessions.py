@@ -185,7 +185,55 @@ class ToolPool:
                 slot.key = key
             yield slot.tool, encoded
 
+    @contextmanager
+    def borrow(self) -> Iterator[SegmentationTool]:
+        """Hold the least recently used slot's tool for work on other images (the volume task): its embedding is
+        forgotten, so the next 2D request on that slot encodes its slice again."""
+        with self._lock:
+            index = self._order.pop(0)
+            self._order.append(index)
+            slot = self._slots[index]
+        with slot.lock:
+            if slot.tool is None:
+                slot.tool = self._factory()
+            slot.key = None
+            yield slot.tool
+
     @property
     def encode_count(self) -> int:
         """Embeddings computed by all tools of the pool since start-up."""
         return sum(s.tool.encode_count for s in self._slots if s.tool is not None)
+
+
+class ToolLeases:
+    """Tools for jobs that hold one for a whole request (the volume task): up to `size` instances, built by
+    `factory` when first needed and reused; the caller bounds how many jobs run at once to `size`."""
+
+    def __init__(self, factory: Callable[[], SegmentationTool], size: int):
+        if size < 1:
+            raise ValueError(f"need at least one tool, got {size}")
+        self._factory, self._size = factory, size
+        self._lock = threading.Lock()
+        self._idle: list[SegmentationTool] = []
+        self._built = 0
+
+    @contextmanager
+    def lease(self) -> Iterator[SegmentationTool]:
+        with self._lock:
+            tool = self._idle.pop() if self._idle else None
+            if tool is None:
+                if self._built >= self._size:
+                    raise RuntimeError(f"all {self._size} tools are in use; bound the jobs to {self._size}")
+                self._built += 1
+        if tool is None:
+            try:
+                tool = self._factory()
+            except BaseException:
+                with self._lock:
+                    self._built -= 1
+                raise
+        try:
+            yield tool
+        finally:
+            with self._lock:
+                self._idle.append(tool)

@@ -524,9 +524,10 @@ def test_evicted_and_expired_volume_sessions_are_freed():
 def _task(policy_factory=None, max_sessions: int = 4):
     from ibisagent.tools import build_propagator, build_tool
     from monailabel_app.lib.infers.ibisagent_volume_task import IBISAgentVolumeTask
+    from monailabel_app.lib.sessions import ToolLeases
 
     return IBISAgentVolumeTask(
-        tool_factory=lambda: build_tool("classical"),
+        tools=ToolLeases(lambda: build_tool("classical"), 1).lease,
         propagator_factory=build_propagator,
         policy_factory=policy_factory,
         dialect="ibis",

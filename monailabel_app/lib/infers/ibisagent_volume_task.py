@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,7 +110,8 @@ def _end_entry(entry: VolumeEntry) -> None:
 class IBISAgentVolumeTask(InferTask):
     """Volume task: key slice (user clicks and/or the agent), propagation, audit, repair; sessions continue.
 
-    tool_factory:       builds a 2D tool for a volume job (one per concurrent job, built when first needed).
+    tools:              lends a 2D tool for the whole of one volume request (`sessions.ToolLeases.lease` builds
+                        one per concurrent job; `ToolPool.borrow` shares the 2D task's model tools).
     propagator_factory: the propagator that goes with a tool (`ibisagent.tools.build_propagator`); a model
                         propagator (one with a `predictor`) is built once and its predictor shared by all sessions,
                         each with its own state, one job at a time.
@@ -120,7 +122,7 @@ class IBISAgentVolumeTask(InferTask):
 
     def __init__(
         self,
-        tool_factory: Callable[[], SegmentationTool],
+        tools: Callable[[], AbstractContextManager[SegmentationTool]],
         propagator_factory: Callable[[SegmentationTool], Propagator],
         policy_factory: Callable[[], Policy] | None,
         dialect: str,
@@ -146,7 +148,7 @@ class IBISAgentVolumeTask(InferTask):
             "slice by slice, an audit flags suspicious slices and repairs re-propagate; follow-ups continue",
             config={"max_steps": max_steps, "run_agent": policy_factory is not None},
         )
-        self.tool_factory, self.propagator_factory = tool_factory, propagator_factory
+        self.tools, self.propagator_factory = tools, propagator_factory
         self.policy_factory = policy_factory
         self.dialect, self.max_steps, self.max_clicks = dialect, max_steps, max_clicks
         self.repair_budget = repair_budget
@@ -157,7 +159,6 @@ class IBISAgentVolumeTask(InferTask):
         self.sessions = SessionStore(session_ttl, max_sessions, on_end=_end_entry)
         self.progress = progress or ProgressBoard()
         self._jobs = threading.BoundedSemaphore(max_jobs)
-        self._tools: list[SegmentationTool] = []  # idle tools; at most max_jobs exist
         self._tools_lock = threading.Lock()
         self._shared: Any = None  # the first model propagator, whose predictor later sessions share
         self._model_lock = threading.Lock()  # one job at a time on a shared predictor
@@ -443,29 +444,18 @@ class IBISAgentVolumeTask(InferTask):
                 "moment",
             )
         progress = NO_PROGRESS
-        tool = None
         try:
             if params.progress_id is not None:
                 progress = self.progress.start(params.progress_id, 0)
-            tool = self._lease_tool()
-            job = _Job(self, tool, progress, params, t0)
-            result = work(job)
+            with self.tools() as tool:
+                result = work(_Job(self, tool, progress, params, t0))
             progress.finish(True)
             return result
         except BaseException:
             progress.finish(False)
             raise
         finally:
-            if tool is not None:
-                with self._tools_lock:
-                    self._tools.append(tool)
             self._jobs.release()
-
-    def _lease_tool(self) -> SegmentationTool:
-        with self._tools_lock:
-            if self._tools:
-                return self._tools.pop()
-        return self.tool_factory()  # the job semaphore bounds how many exist
 
     def _new_propagator(self, tool: SegmentationTool) -> Propagator:
         with self._tools_lock:
