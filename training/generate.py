@@ -27,7 +27,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -423,9 +423,7 @@ class _ImageSimulator:
                     seconds={"encode": encode_s, "tool": tool_s, "simulator": sim_s},
                     trajectory=traj.to_dict(),
                 )
-                # asdict (TrajectoryRecord.to_json) deep-copies the trajectory's millions of run lengths; the
-                # record's fields as they are give the same JSON.
-                records.append({f.name: getattr(record, f.name) for f in fields(record)})
+                records.append(record.to_json())
             t_io = time.perf_counter()
         found = [(p.file, p.reason) for p in dataset.report.problems[before:]]
         return _ImageResult(records, found, len(todo) - len(found), len(todo), timer)

@@ -12,7 +12,7 @@ import json
 import os
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ibisagent.trajectory import Trajectory
@@ -72,7 +72,9 @@ class TrajectoryRecord:
         return Trajectory.from_dict(self.trajectory)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """The record as its JSON object. The values are the record's own (not copied): the trajectory holds a
+        run-length list per mask, and `dataclasses.asdict` deep-copied millions of numbers per record."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_json(cls, data: dict) -> TrajectoryRecord:
