@@ -425,6 +425,47 @@ def test_points_on_other_slices_become_user_repairs_and_the_rest_is_reported(ser
     ]
 
 
+def test_the_slicer_modules_requests_and_result_reader_agree_with_the_server(server):
+    """The other side of the contract: this project's Slicer library (`IBISAgentLib.volume`) writes the params and
+    reads every answer's summary."""
+    import sys
+
+    lib_dir = str(Path(__file__).resolve().parents[2] / "slicer_module" / "IBISAgent")
+    if lib_dir not in sys.path:
+        sys.path.insert(0, lib_dir)
+    from IBISAgentLib.volume import VolumeRequest, VolumeResult
+
+    k, (i, j) = server["lesion_slice"], server["crop_click"]
+    dims = server["crop_gts"].shape
+
+    def send(request: VolumeRequest) -> VolumeResult:
+        result, label, _ = _all(_post(server, request.to_params(dims)))
+        assert label.shape == dims
+        return VolumeResult.from_dict(result, num_slices=dims[2])
+
+    pid = uuid.uuid4().hex
+    new = send(
+        VolumeRequest("segment the lesion", key_slice=k, foreground=[[i, j, k]], run_agent=False, progress_id=pid)
+    )
+    assert new.key_slice == k and new.status(k).status == "key" and new.range == (0, dims[2] - 1)
+    sid, s = new.session_id, k + 1
+    repaired = send(
+        VolumeRequest(
+            "segment the lesion", session_id=sid, action="repair", slice=s, foreground=[[i, j, s]], run_agent=False
+        )
+    )
+    assert repaired.status(s).status == "repaired" and repaired.repairs_used == 1
+    # the library sends run_agent true by default: actions that do not run the agent take it on a server without a model
+    undone = send(VolumeRequest("segment the lesion", session_id=sid, action="undo_slice", slice=s))
+    assert undone.repairs_used == 0 and undone.status(s).status != "repaired"
+    ranged = send(
+        VolumeRequest("segment the lesion", session_id=sid, action="propagate", first_slice=k - 1, last_slice=k + 1)
+    )
+    assert ranged.range == (k - 1, k + 1) and ranged.indices == [k - 1, k, k + 1]
+    accepted = send(VolumeRequest("segment the lesion", session_id=sid, action="accept", slice=k + 1))
+    assert accepted.status(k + 1).reviewed and accepted.changed == [k + 1]
+
+
 # -- Slicer's stock MONAI Label module ---------------------------------------------------------------------------------
 @pytest.fixture
 def client(server, tmp_path):

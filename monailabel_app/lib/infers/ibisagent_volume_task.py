@@ -174,7 +174,8 @@ class IBISAgentVolumeTask(InferTask):
     def __call__(self, request: dict) -> tuple[str, dict]:
         t0 = time.perf_counter()
         params = VolumeParams.parse(request, self.max_steps, self.max_clicks, self.policy_factory is not None)
-        if params.run_agent and self.policy_factory is None:
+        uses_agent = params.session_id is None or params.action == "repair" or params.auto_repair
+        if params.run_agent and uses_agent and self.policy_factory is None:
             raise RequestError(
                 400,
                 "no policy model configured; start the server with --conf model <path or hub id>, "
