@@ -612,6 +612,19 @@ def test_auto_repair_lets_the_agent_review_flagged_slices_and_evicted_sessions_a
     _, reviewed = task({**request, "run_agent": False, "auto_repair": True})
     assert first.closed and first.volume.propagator.inner._slices is None  # evicted: its state freed
     assert reviewed["flagged"] == [] and reviewed["repairs_used"] == 0
+    # undoing the key slice: first its propagation, then the key; after that only undo is taken
+    sid = reviewed["session_id"]
+    request = {k: v for k, v in request.items() if k != "foreground"}
+    _, unpropagated = task({**request, "session_id": sid, "action": "undo_slice", "slice": 8, "run_agent": False})
+    assert [s["index"] for s in unpropagated["slices"]] == [8]
+    label_path, empty = task({**request, "session_id": sid, "action": "undo_slice", "slice": 8, "run_agent": False})
+    assert (
+        empty["key_slice"] is None and empty["slices"] == [] and not np.asanyarray(nib.load(label_path).dataobj).any()
+    )
+    from monailabel_app.lib.errors import RequestError
+
+    with pytest.raises(RequestError, match="has no key slice any more"):
+        task({**request, "session_id": sid, "action": "propagate", "run_agent": False})
     assert GAP in plain["flagged"], plain["slices"]
     agent_seen = {s["index"] for s in reviewed["slices"] if s["reviewed"]}
     assert agent_seen >= set(plain["flagged"]) and reviewed["stop_reason"] != "agent_not_run"

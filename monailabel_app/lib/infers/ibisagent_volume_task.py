@@ -324,6 +324,12 @@ class IBISAgentVolumeTask(InferTask):
                 f"params.action is missing: a continuation of session_id {entry.id!r} needs one of "
                 "repair, undo_slice, propagate, accept",
             )
+        if session.key is None and params.action != "undo_slice":
+            raise RequestError(
+                400,
+                f"session_id {entry.id!r} has no key slice any more (it was undone): start a new session "
+                "(session_id null) with a key slice",
+            )
         points = params.points_by_slice(axis, session.slices.volume.shape)
         first, last = session.range
         plan: dict[str, Any] = {"points": []}
