@@ -11,7 +11,11 @@ Methods (every one gets the same key slice: the slice with the largest ground-tr
 * ``slice-2d``:      no propagation: oracle clicks on every labelled slice until its Dice reaches `target_dice`,
   the clicks slice-by-slice 2D segmentation spends to the same quality.
 
-Oracle clicking stops at IoU `oracle_iou` on the key slice and at Dice `target_dice` on repaired slices. Repairs are bounded by `repair_budget` per volume.
+Oracle clicking stops at Dice `target_dice` on the key slice, on repaired slices and on every slice of slice-2d (one
+quality standard for every clicked slice; `oracle_iou` sets another for the key slice). Repairs are bounded by
+`repair_budget` per volume. Clicks per volume are the clicks of the key slice's and the repaired slices' 2D
+trajectories (a slice the oracle finds good enough is reviewed without a click) against slice-2d's clicks on every
+labelled slice.
 """
 
 from __future__ import annotations
@@ -67,9 +71,10 @@ VOLUME_RESULTS = ResultSchema(
 
 @dataclass(frozen=True)
 class VolumeSettings:
-    """What every volume method shares: oracle stop, quality target, repair budget, click limit per slice."""
+    """What every volume method shares: the quality every clicked slice is clicked to (`target_dice`; the key slice's
+    IoU `oracle_iou` instead where set), repair budget, click limit per slice."""
 
-    oracle_iou: float = 0.9
+    oracle_iou: float | None = None
     target_dice: float = 0.85
     repair_budget: int = 5
     max_steps: int = 20
@@ -86,10 +91,11 @@ class VolumeMethod:
 
 
 def _oracle(gt: np.ndarray, target: str, settings: VolumeSettings, repair: bool = False) -> OraclePolicy:
-    """Oracle clicks: on the key slice until IoU `oracle_iou`; on a repaired slice until Dice `target_dice` (the
-    quality slice-2d clicks each slice to)."""
+    """Oracle clicks until Dice `target_dice` (IoU t / (2 - t), the quality slice-2d clicks each slice to); on the
+    key slice until IoU `oracle_iou` where that is set."""
     t = settings.target_dice
-    return OraclePolicy({target: gt}, iou_threshold=t / (2 - t) if repair else settings.oracle_iou)
+    key_iou = settings.oracle_iou
+    return OraclePolicy({target: gt}, iou_threshold=t / (2 - t) if repair or key_iou is None else key_iou)
 
 
 def _propagate(session, gts, key, s) -> None:
@@ -108,12 +114,11 @@ def _oracle_repair(session, gts, key, s) -> None:
 
     def select(vs: VolumeSession) -> list[int]:
         empty = np.zeros(vs.slices.shape, bool)
+        masks = [vs.records[i].mask if i in vs.records else empty for i in range(len(gts))]
         bad = [
             i
             for i, gt in enumerate(gts)
-            if i not in tried
-            and dice(vs.records[i].mask if i in vs.records else empty, gt) < s.target_dice
-            and (gt.any() or i in vs.records)
+            if i not in tried and dice(masks[i], gt) < s.target_dice and (gt.any() or i in vs.records)
         ]
         bad.sort(key=lambda i: (abs(i - key), i))
         tried.update(bad[:1])

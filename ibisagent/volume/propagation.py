@@ -98,7 +98,7 @@ class ToolPropagator:
         self,
         tool: SegmentationTool,
         use_prior: bool = False,
-        growth: float = 0.15,
+        growth: float = 0.1,
         tolerance: float = 3.0,
         min_support: float = 0.2,
         erode: float = 0.35,

@@ -146,10 +146,13 @@ class VolumeSession:
         return sorted(change.before)
 
     # -- propagation -----------------------------------------------------------------------------------------------
-    def propagate(self, first: int | None = None, last: int | None = None) -> list[int]:
+    def propagate(
+        self, first: int | None = None, last: int | None = None, on_slice: Callable[[int], None] | None = None
+    ) -> list[int]:
         """Propagate from the key slice both ways until the object ends, within slices `first`..`last` (default:
         the whole volume). A range change drops propagated slices outside it and extends from the outermost anchor
-        on each side. Returns the slices whose records changed."""
+        on each side. `on_slice(index)` is called after each propagated slice (progress). Returns the slices whose
+        records changed."""
         if self.key is None:
             raise EditError("propagate: no key slice yet; open_slice(k), segment it, then commit_slice(k)")
         first = self.range[0] if first is None else self.slices.check_index(first, "first")
@@ -163,12 +166,18 @@ class VolumeSession:
             before[i] = self.records.pop(i)
         self.range = (first, last)
         anchors = [i for i, r in self.records.items() if r.status in ANCHORS]
-        self._run(max(anchors), 1, before)
-        self._run(min(anchors), -1, before)
+        self._run(max(anchors), 1, before, on_slice)
+        self._run(min(anchors), -1, before, on_slice)
         self._log.append(_Change(self.key, "propagate", before, self.key))
         return sorted(before)
 
-    def _run(self, start: int, direction: int, before: dict[int, SliceRecord | None]) -> None:
+    def _run(
+        self,
+        start: int,
+        direction: int,
+        before: dict[int, SliceRecord | None],
+        on_slice: Callable[[int], None] | None = None,
+    ) -> None:
         """Propagate from the anchor `start` in `direction` until the object ends, the range ends or another anchor
         comes; slices left over from an earlier propagation beyond the new end are dropped."""
         stop = self.range[1] if direction > 0 else self.range[0]
@@ -185,6 +194,8 @@ class VolumeSession:
                 mask = np.zeros(out.mask.shape, bool) if absent else out.mask
                 status = "absent" if absent else "propagated"
                 self.records[index] = SliceRecord(index, status, "propagation", mask, float(out.score))
+                if on_slice is not None:
+                    on_slice(index)
                 if misses >= self.stop_after:
                     break
         for j in range(index + direction, stop + direction, direction):
@@ -200,10 +211,12 @@ class VolumeSession:
         """Compute every slice's signals, flag the suspicious ones (`ibisagent.volume.audit`) and return the flagged
         slices that are neither anchors nor reviewed, nearest to the key first."""
         masks = {i: r.mask for i, r in self.records.items()}
+        checked = [i for i, r in self.records.items() if r.status in ANCHORS or r.reviewed]
         flagged = []
         for i, record in self.records.items():
             prev, nxt = masks.get(i - 1), masks.get(i + 1)
-            record.signals = slice_signals(record.mask, record.score, prev, nxt)
+            distance = min((abs(i - j) for j in checked), default=None)
+            record.signals = slice_signals(record.mask, record.score, prev, nxt, distance)
             areas = [None if m is None else int(m.sum()) for m in (prev, nxt)]
             reasons = [] if record.status in ANCHORS else flag_reasons(record.signals, self.audit_spec, *areas)
             if record.status == "absent" and prev is None and nxt is None:
@@ -320,12 +333,14 @@ def run_volume(
     select: Callable[[VolumeSession], list[int]] | None = None,
     first: int | None = None,
     last: int | None = None,
+    on_slice: Callable[[int], None] | None = None,
 ) -> VolumeRecord:
     """The whole pipeline: the key slice (clicks and/or a policy), propagation, then while the repair budget lasts
     the audit's flagged slices (or `select(session)`'s, nearest the key first) are repaired by `repair_policy(i)`.
-    Returns the record; the session stays open (close it)."""
+    `on_slice(index)` is called after each slice the first propagation carries (progress). Returns the record; the
+    session stays open (close it)."""
     session.segment_key(key_slice, key_clicks, key_policy, max_actions)
-    session.propagate(first, last)
+    session.propagate(first, last, on_slice)
     if repair_policy is None:
         session.audit()
         return session.record()
