@@ -87,10 +87,10 @@ def server(tmp_path_factory):
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------------
-def _post(server, params, image: str = CROP, output: str = "all", **query) -> requests.Response:
+def _post(server, params, image: str = CROP, output: str = "all", files=None, **query) -> requests.Response:
     data = {"params": json.dumps(params)}
     query = {"image": image, "output": output, **query}
-    return requests.post(f"{server['server'].url}/infer/{TASK}", params=query, data=data, timeout=300)
+    return requests.post(f"{server['server'].url}/infer/{TASK}", params=query, data=data, files=files, timeout=300)
 
 
 def _all(response) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -238,6 +238,24 @@ def test_the_range_shrinks_and_extends_again(server):
     )
     assert full["range"] == [0, label.shape[2] - 1]
     np.testing.assert_array_equal(label3, label)  # the same propagation from the same key
+
+
+def test_an_uploaded_label_is_the_key_slices_initial_mask(server, tmp_path):
+    k, gt = server["lesion_slice"], server["crop_gts"] > 0
+    upload = np.zeros(gt.shape, np.uint8)
+    upload[:, :, k] = gt[:, :, k]
+    upload[:, :, k + 1] = 1  # other slices of the upload are not read
+    path = tmp_path / "initial.nii.gz"
+    nib.save(nib.Nifti1Image(upload, server["crop_affine"]), path)
+    params = {"instruction": "segment the lesion", "key_slice": k, "run_agent": False}
+    result, label, _ = _all(_post(server, params, files={"label": ("initial.nii.gz", path.read_bytes())}))
+    np.testing.assert_array_equal(label[:, :, k], gt[:, :, k])
+    assert _by_index(result)[k]["status"] == "key" and result["clicks"] == 0
+    assert _dice(label, gt) > 0.75
+    wrong = tmp_path / "wrong.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4)), wrong)
+    refused = _post(server, params, output="json", files={"label": ("wrong.nii.gz", wrong.read_bytes())})
+    _refused(refused, 400, "the label upload has shape [8, 8, 8]")
 
 
 def test_accept_marks_a_slice_reviewed_and_unflags_it(server):
