@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from ibisagent.geometry import voxel_to_pixel
 from ibisagent.grammar import target_from_instruction
 from ibisagent.policies.base import Policy
 from ibisagent.session import EditError, InteractiveSession
@@ -231,7 +232,7 @@ class IBISAgentVolumeTask(InferTask):
                     "params.key_slice is missing and there is no foreground point to take it from; give key_slice "
                     f"0..{n - 1} (axis {axis}) or a foreground [i, j, k] point",
                 )
-            key = int(params.foreground[0][axis])
+            key = voxel_to_pixel(params.foreground[0], axis)[0]  # the slice the point lies in, as for every point
         check_slice(key, "key_slice", n, axis)
         first = 0 if params.first_slice is None else params.first_slice
         last = n - 1 if params.last_slice is None else params.last_slice
