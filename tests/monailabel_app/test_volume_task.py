@@ -647,3 +647,25 @@ def test_auto_repair_lets_the_agent_review_flagged_slices_and_evicted_sessions_a
     agent_seen = {s["index"] for s in reviewed["slices"] if s["reviewed"]}
     assert agent_seen >= set(plain["flagged"]) and reviewed["stop_reason"] != "agent_not_run"
     assert [s["area"] for s in reviewed["slices"]] == [s["area"] for s in plain["slices"]]
+
+
+def test_the_agent_runs_on_the_key_slice_and_auto_repairs_with_a_real_tiny_vlm(tmp_path):
+    """In process, a tiny random Qwen2.5-VL as the policy (its text is mostly malformed: the runs end cleanly)."""
+    from ibisagent.policies.hf_vlm import HFVLMPolicy
+    from ibisagent.testing import build_tiny_qwen2_5_vl
+    from ibisagent.trajectory import STOP_REASONS
+    from monailabel_app.lib.request import IMAGE_ID_KEY
+
+    build_tiny_qwen2_5_vl(tmp_path / "tiny")
+    base = HFVLMPolicy.from_pretrained(str(tmp_path / "tiny"), device="cpu", max_new_tokens=16)
+    task = _task(lambda: HFVLMPolicy(base.model, base.processor, max_new_tokens=16))
+    path = _gap_volume(tmp_path)
+    request = {IMAGE_ID_KEY: "gap", "image": path, "instruction": "segment the disc", "max_steps": 2}
+    _, plain = task({**request, "foreground": [[32, 32, 8]], "auto_repair": False})
+    assert plain["stop_reason"] in STOP_REASONS and GAP in plain["flagged"]
+    key = plain["trajectories"]["8"]
+    assert key["meta"]["user_steps"] == [0] and len(key["steps"]) > 1  # the user's click, then the agent
+    _, auto = task({**request, "foreground": [[32, 32, 8]], "auto_repair": True})
+    looked_at = {s["index"] for s in auto["slices"] if s["reviewed"] or s["status"] == "repaired"}
+    assert looked_at >= set(plain["flagged"]) and auto["flagged"] == []
+    assert auto["repairs_used"] <= auto["repair_budget"] and str(GAP) in auto["trajectories"]
