@@ -67,11 +67,12 @@ class ToolPropagator:
     Per slice, with P the previous slice's mask (r its equivalent radius):
 
     1. Intensity model and stop rule. The object's grey level on P (median, spread) picks the pixels of P that
-       still look like the object here (the *support*); its share of P is the object score, and a support below
-       `min_support` means the object has ended (empty mask).
-    2. Seeds from P. The *core* is P eroded by `erode` x r (at least 1 pixel) within the support: pixels that are
-       the object here unless it moved more than that. The *allowed band* is P grown by `growth` x r + 2 pixels
-       (objects change little between slices).
+       still look like the object here (the *support*); a support below `min_support` of P means the object has
+       ended (empty mask).
+    2. Seeds from P. The *core* is P's interior (P eroded by `erode` x r, at least 1 pixel) within the support:
+       pixels that are the object here unless it moved more than that. The core's share of the interior is the
+       object score (a tapering object leaves P's rim first, so the rim does not count against it). The *allowed
+       band* is P grown by `growth` x r + 2 pixels (objects change little between slices).
     3. Guided clicks. A positive click at the core's deepest pixel (with P as the tool's initial mask through
        `mask_to_logits` when `use_prior` is set); then, up to `max_clicks` clicks in all, the simulator's next
        click against the guide "the tool's mask within the band, plus the core": a positive click where the mask
@@ -80,7 +81,7 @@ class ToolPropagator:
     4. Shape continuity. A tool mask whose share inside the band is below `trust` leaked into the surroundings
        (weak edges): it may then only shrink P, not grow it (mask & P); otherwise it is kept within the band. The
        components touching the core are kept (the largest one if none does) and holes filled. The object score
-       is the support's share x the mask's share inside the band x the tool's own score.
+       is the core's share x the mask's share inside the band x the tool's own score.
 
     use_prior:   pass the neighbour's mask as the tool's initial mask. Model tools (SAM-family) refine it; the
                  classical tool keeps a mask that agrees with the click unchanged by design (a click that agrees
@@ -174,8 +175,12 @@ class ToolPropagator:
             return SliceOutput(index, empty, score)
         radius = np.sqrt(prev.sum() / np.pi)
         allowed = ndimage.binary_dilation(prev, iterations=int(round(self.growth * radius)) + 2)
-        core = ndimage.binary_erosion(prev, iterations=max(int(round(self.erode * radius)), 1)) & similar
-        if not core.any():
+        interior = ndimage.binary_erosion(prev, iterations=max(int(round(self.erode * radius)), 1))
+        core = interior & similar
+        # A tapering object leaves P's rim first: the interior's share that still looks like the object scores it.
+        if core.any():
+            score = float(core.sum()) / float(interior.sum())
+        else:
             core = support
         self.tool.set_image(slices.image(index))
         clicks = [next_click(empty, core)]
