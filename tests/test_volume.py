@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from ibisagent.evaluation.cases import VolumeCase
+from ibisagent.evaluation.volumes import VolumeSettings, run_volume_case, volume_methods
 from ibisagent.metrics import dice
 from ibisagent.policies import OraclePolicy
 from ibisagent.session import EditError
@@ -166,6 +168,8 @@ def test_audit_flags_corrupted_slices_and_repair_raises_dice(path):
     session.propagate()
     flagged = session.audit()
     assert set(plan) <= set(flagged), f"corrupted {plan}, flagged {flagged}"
+    rule = {"drop": "gap", "shift": "shift", "leak": "leak"}  # each by its own rule, not by the drift rule alone
+    assert all(rule[kind] in session.records[i].reasons for i, kind in plan.items()), plan
     before = dice3d(session, label)
     for _ in range(10):
         flagged = session.audit()
@@ -404,3 +408,27 @@ def test_propagation_reports_progress_per_slice():
     propagated = [s.index for s in record.slices if s.status in ("propagated", "absent")]
     assert sorted(seen) == propagated and len(seen) == len(set(seen))
     assert seen[0] == key + 1 and key - 1 in seen  # forward first, then backward
+
+
+@needs_recist
+def test_eval_counts_key_and_repair_clicks_against_slice_2d(tmp_path):
+    """Click counting of `ibisagent eval --volume`: oracle-repair spends the key slice's clicks plus each repair's,
+    slice-2d the clicks of every labelled slice; with a tool that returns the ground truth from one positive click
+    (and keeps only it after a negative one) both counts are known in advance."""
+    image, label = load_cropped(VOLUMES[0])
+    gts = slice_masks(label)
+    key = int(np.argmax(label.sum((0, 1))))
+    plan = error_plan(label, key)
+    images = [np.repeat(image[:, :, k].T[..., None], 3, 2) for k in range(image.shape[2])]
+    case = VolumeCase("v0", "Segment the lesion.", "lesion", "CT", VOLUMES[0], VOLUMES[0], "npz")
+    settings = VolumeSettings(repair_budget=len(plan))
+    rows = {}
+    for method in volume_methods(["oracle-repair", "slice-2d"]):
+        tool = GroundTruthTool(images, gts)
+        propagator = CorruptedTruthPropagator(gts, plan)
+        rows[method.name] = run_volume_case(case, image, label, method, tool, propagator, settings, tmp_path)
+    # key: one positive click; drop: one positive; leak: one negative; shift: a positive, then a negative
+    expected = 1 + sum({"drop": 1, "leak": 1, "shift": 2}[kind] for kind in plan.values())
+    assert rows["oracle-repair"]["clicks"] == expected and rows["oracle-repair"]["slices_repaired"] == len(plan)
+    assert rows["oracle-repair"]["dice3d"] == 1.0
+    assert rows["slice-2d"]["clicks"] == int(label.any((0, 1)).sum()) and rows["slice-2d"]["dice3d"] == 1.0
