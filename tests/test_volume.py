@@ -236,6 +236,61 @@ def test_range_limits_propagation_and_extends_later():
         session.propagate(0, len(gts))
 
 
+class _FailingAfter:
+    """Wraps a propagator: its `propagate` yields `n` slices, then raises (a tool error part way)."""
+
+    def __init__(self, inner, n: int):
+        self.inner, self.n, self.armed = inner, n, False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def propagate(self, start, direction, stop):
+        for count, out in enumerate(self.inner.propagate(start, direction, stop)):
+            if self.armed and count == self.n:
+                raise RuntimeError("the tool failed")
+            yield out
+
+
+def _state(session):
+    return (
+        session.range,
+        session.key,
+        session.repairs_used,
+        {i: (r.status, _key(r.mask)) for i, r in session.records.items()},
+    )
+
+
+@needs_recist
+def test_a_refused_or_failed_change_leaves_the_volume_as_it_was():
+    session, label, gts, key, plan = build(VOLUMES[0])
+    session.propagator = _FailingAfter(session.propagator, 2)
+    session.segment_key(key, policy=oracle(gts)(key))
+    session.propagate()
+    flagged = session.audit()
+    session.repair(flagged[0], policy=oracle(gts)(flagged[0]))
+    before = _state(session)
+    # a range that would cut off the repaired slice: refused before any record is dropped
+    cut = (key, key) if flagged[0] != key else (key + 1, key + 1)
+    with pytest.raises(EditError, match="lies outside"):
+        session.propagate(*cut)
+    assert _state(session) == before
+    # the tool fails part way through a propagation, then through a repair's re-propagation
+    session.propagator.armed = True
+    with pytest.raises(RuntimeError, match="the tool failed"):
+        session.propagate(0, len(gts) - 1)
+    assert _state(session) == before
+    second = next(i for i in flagged[1:] if abs(i - key) > 2)
+    with pytest.raises(RuntimeError, match="the tool failed"):
+        session.repair(second, policy=oracle(gts)(second))
+    assert _state(session) == before
+    assert session.active is not None and session.active[0] == second  # the user's clicks on it are kept
+    assert second not in session.propagator.anchors
+    session.propagator.armed = False
+    session.commit_slice(second)
+    assert session.records[second].status == "repaired" and session.repairs_used == 2
+
+
 @needs_recist
 def test_undo_per_slice_restores_the_repair_and_its_repropagation():
     session, label, gts, key, plan = build(VOLUMES[0])

@@ -129,17 +129,22 @@ class VolumeSession:
         is_repair = self.key is not None and index != self.key
         if is_repair and self.repair_budget is not None and self.repairs_used >= self.repair_budget:
             raise EditError(f"commit_slice({index}): the repair budget of {self.repair_budget} slice(s) is spent")
-        self.active = None
         change = _Change(index, "repair" if is_repair else "key", {index: record}, self.key)
         status = "repaired" if is_repair else "key"
         self.records[index] = SliceRecord(index, status, _source(session), mask, 1.0, trajectory=session.trajectory)
         self.propagator.add_anchor(index, mask)
         if is_repair:
             self.repairs_used += 1
-            self._run(index, 1 if index > self.key else -1, change.before)
-        elif self.key is not None:  # the key slice segmented again: everything follows it
-            for direction in (1, -1):
-                self._run(index, direction, change.before)
+        try:
+            if is_repair:
+                self._run(index, 1 if index > self.key else -1, change.before)
+            elif self.key is not None:  # the key slice segmented again: everything follows it
+                for direction in (1, -1):
+                    self._run(index, direction, change.before)
+        except BaseException:  # re-propagation failed part way: the volume as before, the slice's session kept open
+            self._revert(change)
+            raise
+        self.active = None
         if not is_repair:
             self.key = index
         self._log.append(change)
@@ -159,16 +164,22 @@ class VolumeSession:
         last = self.range[1] if last is None else self.slices.check_index(last, "last")
         if not first <= self.key <= last:
             raise EditError(f"propagate: the range {first}..{last} must hold the key slice {self.key}")
-        before: dict[int, SliceRecord | None] = {}
-        for i in [i for i, r in self.records.items() if not first <= i <= last]:
+        outside = sorted(i for i in self.records if not first <= i <= last)
+        for i in outside:  # every check before the first change: a refused range changes nothing
             if self.records[i].status in ANCHORS:
                 raise EditError(f"propagate: slice {i} was {self.records[i].status} and lies outside {first}..{last}")
-            before[i] = self.records.pop(i)
-        self.range = (first, last)
+        before: dict[int, SliceRecord | None] = {i: self.records.pop(i) for i in outside}
+        old_range, self.range = self.range, (first, last)
         anchors = [i for i, r in self.records.items() if r.status in ANCHORS]
-        self._run(max(anchors), 1, before, on_slice)
-        self._run(min(anchors), -1, before, on_slice)
-        self._log.append(_Change(self.key, "propagate", before, self.key))
+        change = _Change(self.key, "propagate", before, self.key)
+        try:
+            self._run(max(anchors), 1, before, on_slice)
+            self._run(min(anchors), -1, before, on_slice)
+        except BaseException:  # the tool failed (or the caller stopped it) part way: back to the state before
+            self._revert(change)
+            self.range = old_range
+            raise
+        self._log.append(change)
         return sorted(before)
 
     def _run(
@@ -269,20 +280,24 @@ class VolumeSession:
         del self._log[position]
         if self.active is not None and self.active[0] in change.before:
             self.active = None
+        self._revert(change)
+        return sorted(change.before)
+
+    def _revert(self, change: _Change) -> None:
+        """Put back the records, anchors, repair count and key slice as they were before `change`."""
         for j, record in change.before.items():
             if record is None:
                 self.records.pop(j, None)
             else:
                 self.records[j] = record
         if change.kind != "propagate":
-            self.propagator.remove_anchor(index)
-            previous = change.before.get(index)
+            self.propagator.remove_anchor(change.index)
+            previous = change.before.get(change.index)
             if previous is not None and previous.status in ANCHORS:
-                self.propagator.add_anchor(index, previous.mask)
+                self.propagator.add_anchor(change.index, previous.mask)
         if change.kind == "repair":
             self.repairs_used -= 1
         self.key = change.key_before
-        return sorted(change.before)
 
     # -- results ---------------------------------------------------------------------------------------------------
     def label_volume(self) -> np.ndarray:
