@@ -222,6 +222,8 @@ def test_the_request_is_checked_before_it_is_sent():
         "action without session": dict(instruction="x", key_slice=9, action="repair", slice=3),
         "unknown action": dict(instruction="x", session_id="s", action="erase"),
         "repair without slice": dict(instruction="x", session_id="s", action="repair"),
+        "accept without slice": dict(instruction="x", session_id="s", action="accept"),
+        "undo without slice": dict(instruction="x", session_id="s", action="undo_slice"),
         "repair points elsewhere": dict(
             instruction="x", session_id="s", action="repair", slice=4, foreground=[[1, 1, 5]], run_agent=False
         ),
@@ -229,9 +231,11 @@ def test_the_request_is_checked_before_it_is_sent():
         "max steps": dict(instruction="x", key_slice=9, max_steps=0),
     }
     for name, fields in bad.items():
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError) as refused:
             v.VolumeRequest(**fields).check(DIMS)
-        assert name
+        assert str(refused.value), name
+    with pytest.raises(ValueError, match="'accept' needs the slice"):
+        v.VolumeRequest("x", session_id="s", action="accept").check(DIMS)
 
 
 def test_progress_reports_are_checked():

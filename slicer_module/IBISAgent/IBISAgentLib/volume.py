@@ -179,7 +179,7 @@ class VolumeRequest:
             return
         if self.action not in ACTIONS:
             raise ValueError(f"action must be one of {', '.join(ACTIONS)} for a session, got {self.action!r}")
-        if self.action in ("repair", "undo_slice") and self.slice is None:
+        if self.action in ("repair", "undo_slice", "accept") and self.slice is None:
             raise ValueError(f"action {self.action!r} needs the slice it is about")
         if self.action == "repair" and not self.run_agent and not points:
             raise ValueError("place positive or negative points on the slice to repair first (or let the agent repair)")
