@@ -5,16 +5,20 @@ studies folder as they come, so `../x` or an absolute path writes a file outside
 image), and an id linked to a file elsewhere is overwritten there. It also answers an unknown id with the path ""
 (the server's working directory), and `DELETE /datastore/image` of a study that is a link deletes the linked file.
 It rewrites its index (`datastore_v2.json`) in place, so a kill during the write leaves a broken index that stops
-the next start. This class closes each of these.
+the next start. Its file watcher (auto reload) reconciles the index from its own thread while a request changes it,
+so a request can fail with "dictionary changed size during iteration" (a DELETE answered 500). This class closes
+each of these.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import re
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -30,13 +34,26 @@ MAX_INFO_BYTES = 64 * 1024  # an image's or label's info (PUT /datastore/image/i
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
+def _serialised(method):
+    """Run `method` holding the datastore's index lock (re-entrant: a change that reconciles takes it once more)."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._index_lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class StudiesDatastore(LocalDatastore):
     """`LocalDatastore` that refuses (400) an image id or label tag that is not a plain name or whose file would lie
     outside the studies folder, answers an unknown image id with 404 instead of an empty path, deletes a linked
-    study's link (never the file it points to), bounds the info a client stores, and writes its index atomically
-    (a broken index found at start is set aside and rebuilt from the folder)."""
+    study's link (never the file it points to), bounds the info a client stores, writes its index atomically
+    (a broken index found at start is set aside and rebuilt from the folder), and changes the index in one thread at
+    a time (requests and the file watcher's reconciliation)."""
 
     def __init__(self, datastore_path: str, *args, **kwargs):
+        self._index_lock = threading.RLock()
         index = os.path.join(datastore_path, kwargs.get("datastore_config", "datastore_v2.json"))
         _set_aside_if_broken(index)
         super().__init__(datastore_path, *args, **kwargs)
@@ -46,6 +63,7 @@ class StudiesDatastore(LocalDatastore):
             raise RequestError(404, f"unknown image id {_show(image_id)}; GET /datastore/?output=all lists the ids")
         return super().get_image_uri(image_id)
 
+    @_serialised
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         try:
             if image_id:  # empty: MONAI Label takes the id from the temporary file's name
@@ -65,6 +83,7 @@ class StudiesDatastore(LocalDatastore):
             raise
         return super().add_image(image_id, image_filename, image_info)
 
+    @_serialised
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         try:
             if image_id not in self._datastore.objects:
@@ -79,6 +98,7 @@ class StudiesDatastore(LocalDatastore):
             raise
         return super().save_label(image_id, label_filename, label_tag, label_info)
 
+    @_serialised
     def remove_image(self, image_id: str) -> None:
         """Remove the image and its labels. A study that is a link loses its link; the linked file stays."""
         obj = self._datastore.objects.get(image_id)
@@ -95,6 +115,7 @@ class StudiesDatastore(LocalDatastore):
         self._check_inside(path, "id")
         super().remove_image(image_id)
 
+    @_serialised
     def remove_label(self, label_id: str, label_tag: str) -> None:
         _check_name("tag", label_tag)
         obj = self._datastore.objects.get(label_id)
@@ -120,6 +141,7 @@ class StudiesDatastore(LocalDatastore):
             info["geometry"] = image_geometry(path)
         return info
 
+    @_serialised
     def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
         if image_id not in self._datastore.objects:
             raise RequestError(404, f"unknown image id {_show(image_id)}; GET /datastore/?output=all lists the ids")
@@ -127,6 +149,7 @@ class StudiesDatastore(LocalDatastore):
         _check_info({**self._datastore.objects[image_id].image.info, **info}, "the image's info with this update")
         return super().update_image_info(image_id, info)
 
+    @_serialised
     def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
         obj = self._datastore.objects.get(label_id)
         if obj is None or label_tag not in obj.labels:
@@ -135,6 +158,15 @@ class StudiesDatastore(LocalDatastore):
         _check_info({**obj.labels[label_tag].info, **info}, "the label's info with this update")
         return super().update_label_info(label_id, label_tag, info)
 
+    @_serialised
+    def _reconcile_datastore(self):
+        super()._reconcile_datastore()
+
+    @_serialised
+    def _on_modify_event(self, event):
+        super()._on_modify_event(event)
+
+    @_serialised
     def _update_datastore_file(self, lock=True):
         """Write the index to a temporary file beside it, then rename it over the old one: a kill at any moment
         leaves the old index or the new one, never a partial file."""

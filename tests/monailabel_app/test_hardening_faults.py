@@ -1,9 +1,11 @@
-"""Hardening, faults: the server restarts after a kill at any moment of its index writes, and sets aside an index
-that an older server left broken (rebuilding it from the studies folder)."""
+"""Hardening, faults: the server restarts after a kill at any moment of its index writes, sets aside an index that an
+older server left broken (rebuilding it from the studies folder), and changes its index in one thread at a time while
+its file watcher reconciles it."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -64,3 +66,44 @@ def test_a_kill_during_index_writes_never_stops_the_next_start(tmp_path):
             w.join(timeout=60)
         server.stop()
     assert not list((tmp_path / "studies").glob("datastore_v2.json.broken-*"))  # never broken: the writes are atomic
+
+
+def test_requests_and_the_file_watcher_change_the_index_one_at_a_time(tmp_path):
+    """The watcher's reconciliation (a thread of its own) while requests remove and re-add studies: MONAI Label's
+    index dict changed under the other thread's loop ("dictionary changed size during iteration", a DELETE answered
+    500 in CI); every change now holds the datastore's lock."""
+    import numpy as np
+    from PIL import Image
+
+    from monailabel_app.lib.datastore import StudiesDatastore
+
+    for i in range(40):
+        Image.fromarray(np.full((8, 8), i, np.uint8)).save(tmp_path / f"study{i}.png")
+    datastore = StudiesDatastore(str(tmp_path), extensions=["*.png"], auto_reload=False)
+    errors, stop = [], threading.Event()
+
+    def watcher():
+        while not stop.is_set():
+            try:
+                datastore.refresh()
+            except Exception as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(repr(exc))
+            stop.wait(0.002)  # the watcher wakes on file events, not in a tight loop
+
+    thread = threading.Thread(target=watcher)
+    thread.start()
+    try:
+        for k in range(150):
+            path = tmp_path / f"study{k % 40}.png"
+            os.rename(path, f"{path}.away")
+            try:
+                datastore.refresh()
+            except Exception as exc:  # noqa: BLE001
+                errors.append(repr(exc))
+            os.rename(f"{path}.away", path)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    datastore.refresh()
+    assert errors == []
+    assert sorted(datastore.list_images()) == sorted(f"study{i}" for i in range(40))
