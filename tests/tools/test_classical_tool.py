@@ -183,6 +183,29 @@ def test_grey_input():
     assert iou(out.mask, gt) > 0.7
 
 
+@pytest.mark.parametrize("shape", [(517, 389, 3), (300, 260, 3)])
+def test_encoding_in_row_strips_equals_one_pass(shape):
+    """The full-resolution level is encoded in row strips on several threads: features, pyramids, gradients, noise
+    and the masks are exactly those of one thread, for colour and grey images of odd sizes."""
+    rng = np.random.default_rng(1)
+    image, gt = _disk_image(shape[0], shape[1], shape[0] // 2, shape[1] // 3, 60)
+    noisy = np.clip(image.astype(int) + rng.integers(-20, 20, image.shape), 0, 255).astype(np.uint8)
+    for picture in (noisy, np.repeat(noisy[..., :1], 3, 2)):
+        one = ClassicalTool(threads=1)
+        one.set_image(picture)
+        clicks = click_with_oracle(one, gt, 4).clicks
+        for threads in (2, 3):
+            many = ClassicalTool(threads=threads)
+            many.set_image(picture)
+            assert many._noise == one._noise
+            for name in ("_feats", "_smooth", "_rwfeat", "_grads"):
+                for a, b in zip(getattr(one, name), getattr(many, name), strict=True):
+                    np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(many.predict(clicks).mask, one.predict(clicks).mask)
+    with pytest.raises(ValueError, match="threads"):
+        ClassicalTool(threads=0)
+
+
 @needs_demo
 def test_non_square_crop(demo_image):
     crop = demo_image[200:800]  # 600 x 1024
