@@ -292,6 +292,19 @@ def test_a_refused_or_failed_change_leaves_the_volume_as_it_was():
 
 
 @needs_recist
+def test_a_key_slice_from_the_users_mask():
+    session, label, gts, key, _ = build(VOLUMES[0], errors=False)
+    with pytest.raises(ValueError, match="give a mask of the slice's size"):
+        session.open_slice(key, np.zeros((4, 4), bool))
+    session.open_slice(key, gts[key])
+    session.segment_key(key)  # no clicks, no policy: the user's mask as it is
+    record = session.records[key]
+    assert record.status == "key" and record.source == "user" and np.array_equal(record.mask, gts[key])
+    assert record.trajectory.meta["initial"] == "user"
+    assert session.open_slice(key).trajectory.meta.get("initial") is None  # a later session starts from the record
+
+
+@needs_recist
 def test_undo_per_slice_restores_the_repair_and_its_repropagation():
     session, label, gts, key, plan = build(VOLUMES[0])
     session.segment_key(key, policy=oracle(gts)(key))

@@ -90,14 +90,26 @@ class VolumeSession:
         self.propagator.set_volume(self.slices)
 
     # -- 2D sessions on slices -------------------------------------------------------------------------------------
-    def open_slice(self, index: int) -> InteractiveSession:
-        """The interactive 2D session on slice `index` (started with the slice's current mask as its initial mask;
-        an open session on another slice is discarded). Click, undo or run the agent on it, then `commit_slice`."""
+    def open_slice(self, index: int, initial_mask: np.ndarray | None = None) -> InteractiveSession:
+        """The interactive 2D session on slice `index`, started with the slice's current mask as its initial mask, or
+        with `initial_mask` (HxW, slice pixels: e.g. a label the user uploaded for the key slice; it replaces an open
+        session on that slice). An open session on another slice is discarded. Click, undo or run the agent on it,
+        then `commit_slice`."""
         index = self.slices.check_index(index)
-        if self.active is not None and self.active[0] == index:
+        if initial_mask is not None:
+            initial_mask = np.asarray(initial_mask, bool)
+            if initial_mask.shape != self.slices.shape:
+                raise ValueError(
+                    f"open_slice({index}): the initial mask is {initial_mask.shape[::-1]} (W x H) but the slices are "
+                    f"{self.slices.shape[::-1]}; give a mask of the slice's size"
+                )
+        elif self.active is not None and self.active[0] == index:
             return self.active[1]
         record = self.records.get(index)
-        initial = {self.target: record.mask} if record is not None and record.mask.any() else None
+        if initial_mask is not None:
+            initial = {self.target: initial_mask} if initial_mask.any() else None
+        else:
+            initial = {self.target: record.mask} if record is not None and record.mask.any() else None
         session = InteractiveSession(
             self.tool,
             self.slices.image(index),
@@ -105,7 +117,7 @@ class VolumeSession:
             self.target,
             self.dialect,
             initial_masks=initial,
-            meta={"slice": index, "axis": self.slices.axis},
+            meta={"slice": index, "axis": self.slices.axis, **({} if initial_mask is None else {"initial": "user"})},
         )
         self.active = (index, session)
         return session
@@ -330,10 +342,14 @@ class VolumeSession:
 
 
 def _source(session: InteractiveSession) -> str:
-    """Who changed the slice: "user", "agent" or "agent+user" (from the trajectory's user steps)."""
-    user = set(session.trajectory.meta.get("user_steps", []))
+    """Who changed the slice: "user", "agent" or "agent+user" (from the trajectory's user steps; a mask the user gave
+    as the initial mask counts as the user's)."""
+    meta = session.trajectory.meta
+    user = set(meta.get("user_steps", []))
     acted = [s.index for s in session.trajectory.steps if s.action is not None and s.action.clicks]
     who = {"user" if i in user else "agent" for i in acted}
+    if meta.get("initial") == "user":
+        who.add("user")
     return "+".join(sorted(who)) or "agent"
 
 

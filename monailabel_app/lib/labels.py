@@ -174,23 +174,12 @@ def write_label(mask: np.ndarray, source: ImageSource, slice_index: int | None, 
         with tempfile.NamedTemporaryFile(suffix=".png", delete=False) as f:
             Image.fromarray(mask).save(f, format="PNG")
             return f.name
-    import nibabel as nib
-
-    ref = nib.load(source.path)
     if source.kind == "volume":
         data = np.zeros(source.shape, np.uint8)
         put_slice(data, slice_index, axis, mask)
     else:
         data = np.ascontiguousarray(mask.T)
-    header = ref.header.copy()
-    header.set_data_dtype(np.uint8)
-    header.set_data_shape(data.shape)
-    image = nib.Nifti1Image(data, ref.affine, header)
-    image.header.set_slope_inter(1, 0)
-    with tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False) as f:
-        path = f.name
-    nib.save(image, path)
-    return path
+    return _save_like(data, source)
 
 
 def write_volume_label(label: np.ndarray, source: ImageSource) -> str:
@@ -198,10 +187,14 @@ def write_volume_label(label: np.ndarray, source: ImageSource) -> str:
     with the image's affine and header (the volume task's result)."""
     if source.kind != "volume" or tuple(label.shape) != tuple(source.shape):
         raise ValueError(f"label shape {label.shape} is not the volume's shape {source.shape}")
+    return _save_like(np.asarray(label, np.uint8), source)
+
+
+def _save_like(data: np.ndarray, source: ImageSource) -> str:
+    """`data` (uint8) as a temporary NIfTI with the image's affine and header, unscaled."""
     import nibabel as nib
 
     ref = nib.load(source.path)
-    data = np.asarray(label, np.uint8)
     header = ref.header.copy()
     header.set_data_dtype(np.uint8)
     header.set_data_shape(data.shape)

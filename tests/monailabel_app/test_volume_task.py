@@ -251,6 +251,7 @@ def test_an_uploaded_label_is_the_key_slices_initial_mask(server, tmp_path):
     result, label, _ = _all(_post(server, params, files={"label": ("initial.nii.gz", path.read_bytes())}))
     np.testing.assert_array_equal(label[:, :, k], gt[:, :, k])
     assert _by_index(result)[k]["status"] == "key" and result["clicks"] == 0
+    assert _by_index(result)[k]["source"] == "user"  # the user's mask, no agent involved
     assert _dice(label, gt) > 0.75
     wrong = tmp_path / "wrong.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4)), wrong)

@@ -27,7 +27,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from ibisagent.geometry import voxel_to_pixel
 from ibisagent.grammar import target_from_instruction
 from ibisagent.policies.base import Policy
-from ibisagent.session import EditError, InteractiveSession
+from ibisagent.session import EditError
 from ibisagent.tools.base import SegmentationTool
 from ibisagent.types import Click
 from ibisagent.volume import VOLUME_VERSION, VolumeSession
@@ -278,7 +278,7 @@ class IBISAgentVolumeTask(InferTask):
             try:
                 with self._model(propagator):
                     if initial is not None:
-                        session.active = (key, self._slice_session(session, key, {target: initial}))
+                        session.open_slice(key, initial)
                     changed = set(session.segment_key(key, _clicks(key_points, target), job.policy(key), job.steps))
                     job.progress.tick()
                     job.progress.phase("propagate", slices_total=last - first)
@@ -479,17 +479,6 @@ class IBISAgentVolumeTask(InferTask):
     def _model(self, propagator: _Reporting):
         """The lock of a shared predictor (held for the job), or a no-op for the weight-free propagator."""
         return self._model_lock if hasattr(propagator.inner, "predictor") else _NoLock()
-
-    def _slice_session(self, session: VolumeSession, index: int, initial: dict) -> InteractiveSession:
-        return InteractiveSession(
-            session.tool,
-            session.slices.image(index),
-            session.instruction,
-            session.target,
-            session.dialect,
-            initial_masks=initial,
-            meta={"slice": index, "axis": session.slices.axis, "initial": "upload"},
-        )
 
     # -- the response ----------------------------------------------------------------------------------------------
     def _respond(
