@@ -77,6 +77,12 @@ def test_overlay_colour():
     assert np.allclose(out[60, 80], expected, atol=1) and (out[0, 0] == 100).all()
     with_markers = overlay(IMAGE, mask, [Click(80.5, 60.5, True)], marker_radius=6)
     assert not np.array_equal(with_markers, out)
+    # uint8 images are blended through a table: every level of every channel as the float blend gives it
+    levels = np.stack([np.arange(256), np.arange(256)[::-1], (np.arange(256) * 7) % 256], -1)[None].astype(np.uint8)
+    half = np.arange(256)[None] % 2 == 0
+    table = overlay(levels, half)
+    assert np.array_equal(table, overlay(levels.astype(np.float32), half))
+    assert np.array_equal(table[~half], levels[~half])
 
 
 def test_oracle_episode_reaches_target_and_terminates(fake_tool):
