@@ -171,10 +171,7 @@ class ToolPool:
         """Hold a tool whose current image is `image` (HxWx3 uint8, identified by `key`) and yield (tool, encoded):
         encoded is True when this call had to compute the embedding."""
         with self._lock:
-            index = next((i for i, s in enumerate(self._slots) if s.key == key), self._order[0])
-            self._order.remove(index)
-            self._order.append(index)
-            slot = self._slots[index]
+            slot = self._slots[self._pick(key)]
         with slot.lock:
             if slot.tool is None:
                 slot.tool = self._factory()
@@ -190,14 +187,22 @@ class ToolPool:
         """Hold the least recently used slot's tool for work on other images (the volume task): its embedding is
         forgotten, so the next 2D request on that slot encodes its slice again."""
         with self._lock:
-            index = self._order.pop(0)
-            self._order.append(index)
-            slot = self._slots[index]
+            slot = self._slots[self._pick(None)]
         with slot.lock:
             if slot.tool is None:
                 slot.tool = self._factory()
             slot.key = None
             yield slot.tool
+
+    def _pick(self, key: SliceKey | None) -> int:
+        """The slot for `key` (under self._lock): the one holding its embedding, else the least recently used slot
+        that nobody holds (a volume job may hold one for minutes), else the least recently used; marked as used."""
+        index = next((i for i, s in enumerate(self._slots) if key is not None and s.key == key), None)
+        if index is None:
+            index = next((i for i in self._order if not self._slots[i].lock.locked()), self._order[0])
+        self._order.remove(index)
+        self._order.append(index)
+        return index
 
     @property
     def encode_count(self) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -97,6 +99,29 @@ def test_a_pool_of_one_re_encodes_when_the_slice_changes():
     with pool.use(keys[-1], IMAGE) as (tool, encoded):
         assert tool is first and not encoded
     assert first.encode_count == 3
+
+
+def test_a_slot_held_by_a_volume_job_is_passed_over_while_another_is_free():
+    pool = ToolPool(FakeTool, size=2)
+    keys = [SliceKey("a", None, 2), SliceKey("b", None, 2), SliceKey("c", None, 2)]
+    with pool.use(keys[0], IMAGE) as (first, _):
+        pass
+    got = []
+
+    def requests_2d():  # each 2D request gets the free slot at once
+        for key in keys:
+            with pool.use(key, IMAGE) as (tool, _):
+                got.append(tool)
+
+    with pool.borrow() as held:  # the least recently used free slot: not the one holding slice a
+        assert held is not first
+        thread = threading.Thread(target=requests_2d, daemon=True)
+        thread.start()
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "a 2D request waited for the slot the volume job holds"
+    assert got == [first] * 3
+    with pool.use(keys[2], IMAGE) as (tool, encoded):
+        assert tool is first and not encoded
 
 
 def test_conf_values_are_parsed_and_checked():
