@@ -581,14 +581,14 @@ def test_evicted_and_expired_volume_sessions_are_freed():
     assert len(store) == 0 and sorted(ended) == ["a", "b", "c"]  # expired
 
 
-def _task(policy_factory=None, max_sessions: int = 4):
+def _task(policy_factory=None, max_sessions: int = 4, tools=None, propagator_factory=None):
     from ibisagent.tools import build_propagator, build_tool
     from monailabel_app.lib.infers.ibisagent_volume_task import IBISAgentVolumeTask
     from monailabel_app.lib.sessions import ToolLeases
 
     return IBISAgentVolumeTask(
-        tools=ToolLeases(lambda: build_tool("classical"), 1).lease,
-        propagator_factory=build_propagator,
+        tools=tools or ToolLeases(lambda: build_tool("classical"), 1).lease,
+        propagator_factory=propagator_factory or build_propagator,
         policy_factory=policy_factory,
         dialect="ibis",
         max_steps=5,
@@ -648,6 +648,73 @@ def test_auto_repair_lets_the_agent_review_flagged_slices_and_evicted_sessions_a
     agent_seen = {s["index"] for s in reviewed["slices"] if s["reviewed"]}
     assert agent_seen >= set(plain["flagged"]) and reviewed["stop_reason"] != "agent_not_run"
     assert [s["area"] for s in reviewed["slices"]] == [s["area"] for s in plain["slices"]]
+
+
+class _VideoLike:
+    """A propagator shaped like sam2's video predictor (a `predictor` the task shares, one instance per session) that
+    propagates with a weight-free tool of its own and, at every slice, has a 2D request on another image served from
+    the 2D task's pool (a thread that must get the slot within 10 s)."""
+
+    def __init__(self, predictor: dict, name: str = "video-like", feature_cache: int = 8):
+        from ibisagent.tools import build_tool
+        from ibisagent.volume import ToolPropagator
+
+        self.predictor, self.name, self.feature_cache = predictor, name, feature_cache
+        self._inner = ToolPropagator(build_tool("classical"))
+
+    def set_volume(self, slices):
+        self._inner.set_volume(slices)
+
+    def add_anchor(self, index, mask):
+        self._inner.add_anchor(index, mask)
+
+    def remove_anchor(self, index):
+        self._inner.remove_anchor(index)
+
+    def close(self):
+        self._inner.close()
+
+    def propagate(self, start, direction, stop):
+        from monailabel_app.lib.sessions import SliceKey
+
+        pool = self.predictor["pool"]
+        for out in self._inner.propagate(start, direction, stop):
+
+            def request_2d():
+                with pool.use(SliceKey("another image", None, 2), np.zeros((32, 32, 3), np.uint8)):
+                    pass
+
+            thread = threading.Thread(target=request_2d, daemon=True)
+            thread.start()
+            thread.join(timeout=10)
+            self.predictor["served"].append(not thread.is_alive())
+            yield out
+
+
+def test_a_model_propagation_leaves_the_2d_tool_to_2d_requests(tmp_path):
+    """A model tool: the volume job borrows the 2D task's only slot for its 2D work (key slice, repairs) and gives it
+    back while the video predictor propagates; the repair after 2D requests took the slot is right."""
+    from ibisagent.tools import build_tool
+    from monailabel_app.lib.request import IMAGE_ID_KEY
+    from monailabel_app.lib.sessions import SliceKey, ToolPool
+
+    pool = ToolPool(lambda: build_tool("classical"), 1)
+    predictor = {"pool": pool, "served": []}
+    task = _task(tools=pool.borrow, propagator_factory=lambda tool: _VideoLike(predictor))
+    request = {IMAGE_ID_KEY: "gap", "image": _gap_volume(tmp_path), "instruction": "x", "run_agent": False}
+    _, first = task({**request, "foreground": [[32, 32, 8]]})
+    assert predictor["served"] and all(predictor["served"])
+    areas = {s["index"]: s["area"] for s in first["slices"]}
+    assert areas[8] > 400 and len(first["slices"]) >= 14
+    served = len(predictor["served"])
+    _, repaired = task(
+        {**request, "session_id": first["session_id"], "action": "repair", "slice": 4, "background": [[32, 32, 4]]}
+    )
+    after = {s["index"]: s for s in repaired["slices"]}
+    assert after[4]["status"] == "repaired" and after[4]["area"] < areas[4]  # the negative click on its own image
+    assert len(predictor["served"]) > served and all(predictor["served"])  # re-propagated outward, slot free
+    with pool.use(SliceKey("gap", 4, 2), np.zeros((64, 64, 3), np.uint8)) as (_, encoded):
+        assert encoded  # the slot is free after the job
 
 
 def test_the_agent_runs_on_the_key_slice_and_auto_repairs_with_a_real_tiny_vlm(tmp_path):

@@ -55,6 +55,7 @@ class _Reporting:
         self.inner = inner
         self.name = inner.name
         self.progress: Progress = NO_PROGRESS
+        self.job_tool: _LeasedTool | None = None  # the running job's 2D tool, given back while a model propagates
 
     def set_volume(self, slices) -> None:
         self.inner.set_volume(slices)
@@ -66,6 +67,8 @@ class _Reporting:
         self.inner.remove_anchor(index)
 
     def propagate(self, start: int, direction: int, stop: int) -> Iterator[SliceOutput]:
+        if self.job_tool is not None and hasattr(self.inner, "predictor"):
+            self.job_tool.give_back()  # sam2's video predictor does not use the 2D tool: 2D requests may meanwhile
         for out in self.inner.propagate(start, direction, stop):
             self.progress.tick()
             yield out
@@ -262,7 +265,7 @@ class IBISAgentVolumeTask(InferTask):
             job.progress.phase("key", slices_total=1)
             volume = read_volume(source)
             propagator = _Reporting(self._new_propagator(job.tool))
-            propagator.progress = job.progress
+            propagator.progress, propagator.job_tool = job.progress, job.tool
             session = VolumeSession(
                 job.tool,
                 propagator,
@@ -395,7 +398,7 @@ class IBISAgentVolumeTask(InferTask):
         session.tool = job.tool
         if hasattr(entry.propagator.inner, "tool"):
             entry.propagator.inner.tool = job.tool  # the weight-free propagator segments with the job's tool
-        entry.propagator.progress = job.progress
+        entry.propagator.progress, entry.propagator.job_tool = job.progress, job.tool
         session.active = None  # a request always commits; an earlier failed one may have left a session open
         with self._model(entry.propagator):
             try:
@@ -453,8 +456,11 @@ class IBISAgentVolumeTask(InferTask):
         try:
             if params.progress_id is not None:
                 progress = self.progress.start(params.progress_id, 0)
-            with self.tools() as tool:
+            tool = _LeasedTool(self.tools)
+            try:
                 result = work(_Job(self, tool, progress, params, t0))
+            finally:
+                tool.give_back()
             progress.finish(True)
             return result
         except BaseException:
@@ -537,10 +543,55 @@ class IBISAgentVolumeTask(InferTask):
         return path, result
 
 
+class _LeasedTool:
+    """The running job's 2D tool, held only while it is used. It is taken from `lease` (the volume task's `tools`)
+    on first use and given back while sam2's video predictor propagates (`_Reporting`), so that with a model tool a
+    long propagation does not hold the 2D task's slot; used again, it is taken again and given the image it had
+    (the slot may have served other images meanwhile). The job runs in one thread; the slot is only taken inside
+    the shared predictor's lock (`_model`), never while waiting for it."""
+
+    def __init__(self, lease: Callable[[], AbstractContextManager[SegmentationTool]]):
+        self._lease = lease
+        self._held: AbstractContextManager[SegmentationTool] | None = None
+        self._tool: SegmentationTool | None = None
+        self._image: np.ndarray | None = None
+        with lease() as tool:  # its name, without holding the slot (a job may wait for the predictor's lock next)
+            self.name = tool.name
+
+    def _take(self) -> SegmentationTool:
+        if self._held is None:
+            held = self._lease()
+            tool = held.__enter__()
+            self._held, self._tool = held, tool
+            if self._image is not None:
+                tool.set_image(self._image)
+        return self._tool
+
+    def give_back(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held.__exit__(None, None, None)
+
+    def set_image(self, image: np.ndarray) -> None:
+        self._image = None  # taken again for a new image: no need to restore the old one first
+        self._take().set_image(image)
+        self._image = image
+
+    def reset(self) -> None:
+        self._image = None
+        if self._held is not None:
+            self._tool.reset()
+
+    def __getattr__(self, name: str):  # predict, mask_to_logits, encode_count, ...: on the held tool
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._take(), name)
+
+
 class _Job:
     """One running volume request: its tool, its progress and the policy runs it made."""
 
-    def __init__(self, task: IBISAgentVolumeTask, tool: SegmentationTool, progress: Progress, params, t0: float):
+    def __init__(self, task: IBISAgentVolumeTask, tool: _LeasedTool, progress: Progress, params, t0: float):
         self.task, self.tool, self.progress, self.params, self.t0 = task, tool, progress, params, t0
         self.steps = params.max_steps
         self.agent_slices: list[int] = []  # slices the agent ran on, in order (their stop reasons are reported)
