@@ -165,6 +165,7 @@ class IBISAgentVolumeTask(InferTask):
         self._jobs = threading.BoundedSemaphore(max_jobs)
         self._tools_lock = threading.Lock()
         self._shared: Any = None  # the first model propagator, whose predictor later sessions share
+        self._tool_name: str | None = None  # the tools' name, known after the first job
         self._model_lock = threading.Lock()  # one job at a time on a shared predictor
         self._agent_lock = agent_lock or threading.Lock()
 
@@ -456,7 +457,8 @@ class IBISAgentVolumeTask(InferTask):
         try:
             if params.progress_id is not None:
                 progress = self.progress.start(params.progress_id, 0)
-            tool = _LeasedTool(self.tools)
+            tool = _LeasedTool(self.tools, self._tool_name)
+            self._tool_name = tool.name
             try:
                 result = work(_Job(self, tool, progress, params, t0))
             finally:
@@ -550,13 +552,15 @@ class _LeasedTool:
     (the slot may have served other images meanwhile). The job runs in one thread; the slot is only taken inside
     the shared predictor's lock (`_model`), never while waiting for it."""
 
-    def __init__(self, lease: Callable[[], AbstractContextManager[SegmentationTool]]):
+    def __init__(self, lease: Callable[[], AbstractContextManager[SegmentationTool]], name: str | None = None):
         self._lease = lease
         self._held: AbstractContextManager[SegmentationTool] | None = None
         self._tool: SegmentationTool | None = None
         self._image: np.ndarray | None = None
-        with lease() as tool:  # its name, without holding the slot (a job may wait for the predictor's lock next)
-            self.name = tool.name
+        if name is None:  # the first job: read it, without holding the slot (a job may wait for the predictor next)
+            with lease() as tool:
+                name = tool.name
+        self.name = name
 
     def _take(self) -> SegmentationTool:
         if self._held is None:
