@@ -114,8 +114,9 @@ def _end_entry(entry: VolumeEntry) -> None:
 class IBISAgentVolumeTask(InferTask):
     """Volume task: key slice (user clicks and/or the agent), propagation, audit, repair; sessions continue.
 
-    tools:              lends a 2D tool for the whole of one volume request (`sessions.ToolLeases.lease` builds
-                        one per concurrent job; `ToolPool.borrow` shares the 2D task's model tools).
+    tools:              lends a 2D tool to a volume request (`sessions.ToolLeases.lease` builds one per
+                        concurrent job; `ToolPool.borrow` shares the 2D task's model tools), held while the job
+                        works on slices and given back while a model propagates (`_LeasedTool`).
     propagator_factory: the propagator that goes with a tool (`ibisagent.tools.build_propagator`); a model
                         propagator (one with a `predictor`) is built once and its predictor shared by all sessions,
                         each with its own state, one job at a time.
