@@ -50,7 +50,7 @@ class StudiesDatastore(LocalDatastore):
     outside the studies folder, answers an unknown image id with 404 instead of an empty path, deletes a linked
     study's link (never the file it points to), bounds the info a client stores, writes its index atomically
     (a broken index found at start is set aside and rebuilt from the folder), and changes the index in one thread at
-    a time (requests and the file watcher's reconciliation)."""
+    a time (requests and the file watcher's reconciliation), never while a request lists it."""
 
     def __init__(self, datastore_path: str, *args, **kwargs):
         self._index_lock = threading.RLock()
@@ -157,6 +157,31 @@ class StudiesDatastore(LocalDatastore):
         _check_info(info, "info")
         _check_info({**obj.labels[label_tag].info, **info}, "the label's info with this update")
         return super().update_label_info(label_id, label_tag, info)
+
+    # Reads that walk the index: a reconciliation must not change it under them.
+    @_serialised
+    def list_images(self) -> list[str]:
+        return super().list_images()
+
+    @_serialised
+    def get_labeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
+        return super().get_labeled_images(label_tag, labels)
+
+    @_serialised
+    def get_unlabeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
+        return super().get_unlabeled_images(label_tag, labels)
+
+    @_serialised
+    def get_labels_by_image_id(self, image_id: str) -> dict[str, str]:
+        return super().get_labels_by_image_id(image_id)
+
+    @_serialised
+    def status(self) -> dict[str, Any]:
+        return super().status()
+
+    @_serialised
+    def json(self):
+        return super().json()
 
     @_serialised
     def _reconcile_datastore(self):
