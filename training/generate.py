@@ -434,6 +434,8 @@ _worker: _ImageSimulator | None = None  # the simulator of a worker process
 
 def _start_worker(args: tuple, threads: int | None) -> None:
     global _worker
+    if threads is not None:  # the workers share the cores: the classical tool's encoding threads follow this too
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     _worker = _ImageSimulator(*args)
     torch = sys.modules.get("torch")  # a model tool: share the cores between the workers instead of oversubscribing
     if torch is not None and threads is not None:
