@@ -17,6 +17,12 @@ cannot point, deletes it in every case, and runs in a worker thread. Its wire fo
 Access: `GET /health` answers without authentication. Bound to loopback, nothing else is needed; bound to any other
 address the server does not start unless `IBISAGENT_API_TOKEN` is set, and with a token every other endpoint
 requires `Authorization: Bearer <token>`. A request body is limited to `--conf max_upload_mb`.
+
+Browsers: MONAI Label allows every origin (CORS `*`), so any web page the user opens could read the studies of a
+server on the user's machine. Here a request that a browser sends from another site (an `Origin` header that is not
+the server's own and not listed in MONAI Label's `MONAI_LABEL_CORS_ORIGINS`) is refused (403); a server without a
+token also refuses a `Host` header that does not name this machine (a page on a name that resolves to 127.0.0.1,
+DNS rebinding). Slicer, `monailabel.client` and other programs send no `Origin` header.
 """
 
 from __future__ import annotations
@@ -117,10 +123,15 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def install(app, max_body_bytes: int, token: str | None) -> None:
-    """Fit the app's endpoints and guards onto MONAI Label's FastAPI `app` (idempotent)."""
+def install(app, max_body_bytes: int, token: str | None, origins: list[str] | None = None) -> None:
+    """Fit the app's endpoints and guards onto MONAI Label's FastAPI `app` (idempotent). origins: the web origins
+    besides the server's own whose browser requests are served (default: MONAI Label's MONAI_LABEL_CORS_ORIGINS)."""
     if getattr(app.state, "ibisagent_installed", False):
         return
+    if origins is None:
+        from monailabel.config import settings
+
+        origins = [str(o) for o in settings.MONAI_LABEL_CORS_ORIGINS]
     from monailabel.endpoints import infer as monailabel_infer
     from monailabel.endpoints import session as monailabel_session
 
@@ -146,7 +157,7 @@ def install(app, max_body_bytes: int, token: str | None) -> None:
     # Starlette builds its middleware stack on the first request; the app is created inside uvicorn's start-up,
     # after that: dropping the stack makes the next request rebuild it with what is added here.
     app.middleware_stack = None
-    app.add_middleware(_Guard, max_body_bytes=max_body_bytes, token=token)
+    app.add_middleware(_Guard, max_body_bytes=max_body_bytes, token=token, origins=origins)
     app.state.ibisagent_installed = True
 
 
@@ -455,18 +466,23 @@ class _BodyTooLarge(Exception):
 
 
 class _Guard:
-    """ASGI middleware: the bearer token (when set) on every path but /health, and the request body limit."""
+    """ASGI middleware: browser requests from other sites refused, the Host header of a server without a token
+    checked, the bearer token (when set) on every path but /health, and the request body limit."""
 
-    def __init__(self, app, max_body_bytes: int, token: str | None):
+    def __init__(self, app, max_body_bytes: int, token: str | None, origins: list[str] = ()):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.expected = None if token is None else f"Bearer {token}".encode()
+        self.origins = {o.rstrip("/").lower() for o in origins}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         path, method = scope.get("path", ""), scope.get("method", "GET")
+        refused = self._refused_origin(headers) if path != HEALTH else None
+        if refused is not None:
+            return await _answer(send, 403, refused)
         if self.expected is not None and path != HEALTH:
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
@@ -502,6 +518,32 @@ class _Guard:
         except _BodyTooLarge:
             if not started:
                 await _answer(send, 413, _too_large(limit))
+
+    def _refused_origin(self, headers: dict[bytes, bytes]) -> str | None:
+        """Why a request is refused as coming from another web site (None: it is not)."""
+        host = headers.get(b"host", b"").decode("latin-1").strip().lower()
+        if self.expected is None and not _is_loopback(_host_name(host)):
+            return (
+                f"the Host header names {host[:80]!r}, not this machine: a server without IBISAGENT_API_TOKEN "
+                "answers only requests to localhost, 127.0.0.1 or [::1]; set a token to serve other names"
+            )
+        origin = headers.get(b"origin")
+        if origin is None:
+            return None
+        origin_text = origin.decode("latin-1").strip().rstrip("/").lower()
+        if origin_text in (f"http://{host}", f"https://{host}") or origin_text in self.origins or "*" in self.origins:
+            return None
+        return (
+            f"browser requests from {origin_text[:80]!r} are refused: only the server's own origin, and those listed "
+            "in MONAI_LABEL_CORS_ORIGINS, may use it"
+        )
+
+
+def _host_name(host: str) -> str:
+    """The name of a Host header without its port ("[::1]:8000" -> "[::1]", "localhost:8000" -> "localhost")."""
+    if host.startswith("["):
+        return host[: host.find("]") + 1]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 def _too_large(limit: int) -> str:

@@ -74,6 +74,31 @@ def test_the_token_guards_every_endpoint_but_health(attack):
     assert call(attack["server"], "GET", "/info/").status_code == 200
 
 
+def test_browser_requests_from_other_sites_are_refused(attack):
+    """A web page on another site may not read or change the studies, even where the user's browser holds the
+    token's session (MONAI Label itself answers every origin); the server's own origin and programs (no Origin
+    header) are served."""
+    server = attack["server"]
+    for origin in ("http://evil.example", "null", server.url.replace("127.0.0.1", "localhost")):
+        for method, path in (("GET", "/datastore/"), ("GET", "/info/"), ("DELETE", "/datastore/image")):
+            response = call(server, method, path, headers={"Origin": origin}, params={"id": LIVER})
+            assert response.status_code == 403 and "browser requests from" in response.json()["detail"]
+    assert call(server, "GET", "/datastore/", headers={"Origin": server.url}).status_code == 200
+    assert call(server, "GET", "/datastore/", params={"output": "all"}).json()["objects"][LIVER]
+
+
+def test_listed_origins_are_served():
+    from monailabel_app.lib.endpoints import _Guard
+
+    guard = _Guard(None, 1, "t" * 16, origins=["https://viewer.hospital.example/"])
+    own = {b"host": b"labels.hospital.example:8000"}
+    assert guard._refused_origin({**own, b"origin": b"https://viewer.hospital.example"}) is None
+    assert guard._refused_origin({**own, b"origin": b"http://labels.hospital.example:8000"}) is None
+    assert guard._refused_origin({**own, b"origin": b"https://other.example"}) is not None
+    assert guard._refused_origin(own) is None  # a program, with a token: any name
+    assert _Guard(None, 1, None)._refused_origin(own) is not None  # without a token: loopback names only
+
+
 def test_request_bodies_are_bounded(attack):
     big = b"\0" * (9 << 20)  # the server takes 8 MB
     files = {"label": ("m.png", big, "image/png")}
