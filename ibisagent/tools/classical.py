@@ -10,8 +10,10 @@ Per click (`predict`), the previous mask is kept except where the new click cont
 with the mask at its pixel (a positive click inside it, a negative one outside) changes nothing, and stays a seed
 of later solves. A contradicting click decides a region it may claim, and the labels nearby are then re-solved:
 
-1. Reach. Every click has a seed colour (median of its 7x7 neighbourhood) and a colour tolerance that adapts to
-   the image (its noise level) and to the seed (its spread). The first positive click measures the object's radius
+1. Reach. Every click has a seed colour (median of a 7x7 patch holding it: the centred one, or the most uniform of
+   the four with the click at a corner where that one is more uniform by more than the noise level, so a click near
+   an edge does not read the edge as spread) and a colour tolerance that adapts to the image (its noise level) and
+   to the seed (its spread). The first positive click measures the object's radius
    by casting rays until the colour leaves that tolerance; rays that mostly escape far across the image mean the
    tolerance was too loose, and they are cast again with half of it. A later click's reach grows with its depth,
    the distance to the current mask's boundary (how deep the click lies in the error). The depth overestimates
@@ -198,12 +200,26 @@ class ClassicalTool(SegmentationTool):
             self._resolve_zone(mask, new, clicks, depth)
 
     def _seed(self, r: int, c: int) -> tuple[np.ndarray, float]:
-        """The seed colour at (r, c) (median of the smoothed 7x7 patch, C values) and its colour tolerance."""
+        """The seed colour at (r, c) (C values) and its colour tolerance.
+
+        The seed is the median of a smoothed 7x7 patch holding the click: the centred one, unless one of the four
+        patches with the click at a corner (Kuwahara's quadrants) is more uniform by more than the image's noise
+        level. A click near an edge then takes its colour and spread from its own side rather than from both.
+        """
         p = self.params
         f = self._smooth[0]
-        seed = f[max(0, r - 3) : r + 4, max(0, c - 3) : c + 4].reshape(-1, f.shape[2])
-        mu = np.median(seed, 0)
-        spread = float(np.median(np.sqrt(((seed - mu) ** 2).sum(-1))))
+        h, w = f.shape[:2]
+
+        def patch(a: int, b: int) -> tuple[np.ndarray, float]:
+            seed = f[max(0, a - 3) : a + 4, max(0, b - 3) : b + 4].reshape(-1, f.shape[2])
+            mu = np.median(seed, 0)
+            return mu, float(np.median(np.sqrt(((seed - mu) ** 2).sum(-1))))
+
+        mu, spread = patch(r, c)
+        corners = [patch(min(max(r + dr, 0), h - 1), min(max(c + dc, 0), w - 1)) for dr in (-3, 3) for dc in (-3, 3)]
+        uniform = min(corners, key=lambda ms: ms[1])
+        if spread - uniform[1] > self._noise:
+            mu, spread = uniform
         return mu, p.seed_tol_noise * self._noise + p.seed_tol_spread * spread
 
     def _ray_radius(self, r: int, c: int) -> float:
