@@ -10,10 +10,10 @@ Per click (`predict`), the previous mask is kept except where the new click cont
 with the mask at its pixel (a positive click inside it, a negative one outside) changes nothing, and stays a seed
 of later solves. A contradicting click decides a region it may claim, and the labels nearby are then re-solved:
 
-1. Reach. Every click has a seed colour (median of a 7x7 patch holding it: the centred one, or the most uniform of
-   the four with the click at a corner where that one is more uniform by more than the noise level, so a click near
-   an edge does not read the edge as spread) and a colour tolerance that adapts to the image (its noise level) and
-   to the seed (its spread). The first positive click measures the object's radius
+1. Reach. Every click has a seed colour (median of a 7x7 patch holding it: the centred one, or, where that one
+   straddles an edge (`seed_edge`), the most uniform of the four with the click at a corner, so a click near an
+   edge does not read the edge as spread) and a colour tolerance that adapts to the image (its noise level) and to
+   the seed (its spread). The first positive click measures the object's radius
    by casting rays until the colour leaves that tolerance; rays that mostly escape far across the image mean the
    tolerance was too loose, and they are cast again with half of it. A later click's reach grows with its depth,
    the distance to the current mask's boundary (how deep the click lies in the error). The depth overestimates
@@ -72,6 +72,8 @@ class ClassicalParams:
     seed_sigma: float = 1.5  # Gaussian sigma of the features compared with the click's seed colour
     seed_tol_noise: float = 8.0  # seed colour tolerance: this many times the image's noise level ...
     seed_tol_spread: float = 8.0  # ... plus this many times the colour spread around the click
+    seed_edge: float = 2.0  # the centred seed patch straddles an edge when its spread exceeds seed_edge times the
+    # most uniform corner patch's spread plus the noise level (a patch mixing two regions): the corner patch is used
     ray_escape: float = 0.3  # rays whose median runs beyond this fraction of the image side: halve the tolerance
     first_scale: float = 1.5  # first click's reach = first_scale * ray radius + first_offset
     first_offset: float = 4.0
@@ -202,9 +204,11 @@ class ClassicalTool(SegmentationTool):
     def _seed(self, r: int, c: int) -> tuple[np.ndarray, float]:
         """The seed colour at (r, c) (C values) and its colour tolerance.
 
-        The seed is the median of a smoothed 7x7 patch holding the click: the centred one, unless one of the four
-        patches with the click at a corner (Kuwahara's quadrants) is more uniform by more than the image's noise
-        level. A click near an edge then takes its colour and spread from its own side rather than from both.
+        The seed is the median of a smoothed 7x7 patch holding the click: the centred one, unless it straddles an
+        edge, i.e. its spread exceeds `seed_edge` times that of the most uniform of the four patches with the click
+        at a corner (Kuwahara's quadrants) plus the image's noise level; that corner patch is then used. A click near
+        an edge takes its colour and spread from its own side rather than from both, while in a textured region
+        (all patches alike) the centred patch is kept.
         """
         p = self.params
         f = self._smooth[0]
@@ -218,7 +222,7 @@ class ClassicalTool(SegmentationTool):
         mu, spread = patch(r, c)
         corners = [patch(min(max(r + dr, 0), h - 1), min(max(c + dc, 0), w - 1)) for dr in (-3, 3) for dc in (-3, 3)]
         uniform = min(corners, key=lambda ms: ms[1])
-        if spread - uniform[1] > self._noise:
+        if spread - p.seed_edge * uniform[1] > self._noise:
             mu, spread = uniform
         return mu, p.seed_tol_noise * self._noise + p.seed_tol_spread * spread
 

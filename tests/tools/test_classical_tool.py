@@ -24,7 +24,7 @@ needs_demo = pytest.mark.skipif(not DEMO.is_dir(), reason=f"demo data not found 
 
 # One mask per modality family, plus two hard ones: the optic cup (fundus, weak edges) and a small polyp whose
 # textured first click used to leak over the whole image (the ray re-cast stops it). Measured with the defaults
-# (10 oracle clicks): mean IoU 0.928 (lowest 0.876), mean NoC@85 4.0 (failures counted as 11).
+# (10 oracle clicks): mean IoU 0.926 (lowest 0.876), mean NoC@85 4.1 (failures counted as 11).
 QUALITY_MASKS = (
     "06_CT_abdomen_spleen",
     "08_MRI_heart_left+heart+ventricle",
@@ -35,13 +35,13 @@ QUALITY_MASKS = (
     "23_fundus_retinal_optic+cup",
     "24_endoscope_colon_non-neoplastic+polyp",
 )
-FLOOR_MEASURED = 0.928
+FLOOR_MEASURED = 0.926
 FLOOR_MARGIN = 0.02
 LOWEST_FLOOR = 0.84
-NOC_MEASURED = 4.0
+NOC_MEASURED = 4.125
 NOC_MARGIN = 0.75
 CLICKS = 10
-NOISY_MEASURED = 0.915  # mean IoU after 8 noisy clicks on USER_MASKS (seed 0; lowest 0.873)
+NOISY_MEASURED = 0.916  # mean IoU after 8 noisy clicks on USER_MASKS (seed 0; lowest 0.873)
 
 
 @pytest.fixture(scope="module")
