@@ -13,13 +13,13 @@ of later solves. A contradicting click decides a region it may claim, and the la
 1. Reach. Every click has a seed colour (median of a 7x7 patch holding it: the centred one, or, where that one
    straddles an edge (`seed_edge`), the most uniform of the four with the click at a corner, so a click near an
    edge does not read the edge as spread) and a colour tolerance that adapts to the image (its noise level) and to
-   the seed (its spread). The first positive click measures the object's radius
-   by casting rays until the colour leaves that tolerance; rays that mostly escape far across the image mean the
-   tolerance was too loose, and they are cast again with half of it. A later click's reach grows with its depth,
-   the distance to the current mask's boundary (how deep the click lies in the error). The depth overestimates
-   the error when a positive click lands on a separate part of the object, or a negative one on an inclusion deep
-   inside the mask (a hole an initial mask covers): the reach and the depth are capped by the click's own ray
-   radius, so a click never re-solves more than its colour region suggests.
+   the seed (its spread). The first positive click measures the object's radius by casting rays until the colour
+   leaves that tolerance; rays that mostly escape far across the image mean the tolerance was too loose, and they
+   are cast again with half of it. A later click's reach grows with its depth, the distance to the current mask's
+   boundary (how deep the click lies in the error). The depth overestimates the error when a positive click lands
+   on a separate part of the object, or a negative one on an inclusion deep inside the mask (a hole an initial mask
+   covers): the reach and the depth are capped by the click's own ray radius, so a click never re-solves more than
+   its colour region suggests.
 2. Claim. Geodesic distances from the click on an edge-cost map (1 + (gradient / local scale)^2), computed on the
    pyramid level where the window fits in `window` pixels, give the pixels within reach. Clicks of the opposite
    label compete for pixels (each pixel goes to the geodesically nearer click), a claim keeps only pixels whose
@@ -72,8 +72,7 @@ class ClassicalParams:
     seed_sigma: float = 1.5  # Gaussian sigma of the features compared with the click's seed colour
     seed_tol_noise: float = 8.0  # seed colour tolerance: this many times the image's noise level ...
     seed_tol_spread: float = 8.0  # ... plus this many times the colour spread around the click
-    seed_edge: float = 2.0  # the centred seed patch straddles an edge when its spread exceeds seed_edge times the
-    # most uniform corner patch's spread plus the noise level (a patch mixing two regions): the corner patch is used
+    seed_edge: float = 2.0  # the centred seed patch straddles an edge (corner patch used) beyond this x corner spread
     ray_escape: float = 0.3  # rays whose median runs beyond this fraction of the image side: halve the tolerance
     first_scale: float = 1.5  # first click's reach = first_scale * ray radius + first_offset
     first_offset: float = 4.0
