@@ -184,8 +184,8 @@ class ToolPool:
 
     @contextmanager
     def borrow(self) -> Iterator[SegmentationTool]:
-        """Hold the least recently used slot's tool for work on other images (the volume task): its embedding is
-        forgotten, so the next 2D request on that slot encodes its slice again."""
+        """Hold a slot's tool (the least recently used that nobody holds) for work on other images (the volume
+        task): its embedding is forgotten, so the next 2D request on that slot encodes its slice again."""
         with self._lock:
             slot = self._slots[self._pick(None)]
         with slot.lock:
