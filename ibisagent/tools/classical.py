@@ -219,10 +219,13 @@ class ClassicalTool(SegmentationTool):
             return mu, float(np.median(np.sqrt(((seed - mu) ** 2).sum(-1))))
 
         mu, spread = patch(r, c)
-        corners = [patch(min(max(r + dr, 0), h - 1), min(max(c + dc, 0), w - 1)) for dr in (-3, 3) for dc in (-3, 3)]
-        uniform = min(corners, key=lambda ms: ms[1])
-        if spread - p.seed_edge * uniform[1] > self._noise:
-            mu, spread = uniform
+        if spread > self._noise:  # else no corner patch can be more uniform by the noise level: keep this one
+            corners = [
+                patch(min(max(r + dr, 0), h - 1), min(max(c + dc, 0), w - 1)) for dr in (-3, 3) for dc in (-3, 3)
+            ]
+            uniform = min(corners, key=lambda ms: ms[1])
+            if spread - p.seed_edge * uniform[1] > self._noise:
+                mu, spread = uniform
         return mu, p.seed_tol_noise * self._noise + p.seed_tol_spread * spread
 
     def _ray_radius(self, r: int, c: int) -> float:
@@ -424,18 +427,21 @@ def _by_rows(fn, a: np.ndarray, context: int, threads: int) -> tuple:
     `fn` must return arrays of `a`'s rows whose row r depends only on rows r - context .. r + context of `a` (and
     on the array's first and last rows as they are): each strip is given `context` rows more on each side and
     cropped back, so the result equals `fn(a)` exactly."""
+
+    def run(rows: np.ndarray) -> tuple:
+        out = fn(rows)
+        return out if isinstance(out, tuple) else (out,)
+
     n = a.shape[0]
     strips = max(1, min(threads, n // _STRIP))
     if strips == 1:
-        out = fn(a)
-        return out if isinstance(out, tuple) else (out,)
+        return run(a)
     bounds = np.linspace(0, n, strips + 1).astype(int)
     spans = [
         (int(lo), int(hi), max(0, int(lo) - context), min(n, int(hi) + context)) for lo, hi in zip(bounds, bounds[1:])
     ]
     with ThreadPoolExecutor(strips, thread_name_prefix="classical-encode") as pool:
-        parts = list(pool.map(lambda span: fn(a[span[2] : span[3]]), spans))
-    parts = [p if isinstance(p, tuple) else (p,) for p in parts]
+        parts = list(pool.map(lambda span: run(a[span[2] : span[3]]), spans))
     return tuple(
         np.concatenate([part[k][lo - start : hi - start] for part, (lo, hi, start, _) in zip(parts, spans)])
         for k in range(len(parts[0]))

@@ -96,20 +96,21 @@ class VolumeSession:
         session on that slice). An open session on another slice is discarded. Click, undo or run the agent on it,
         then `commit_slice`."""
         index = self.slices.check_index(index)
-        if initial_mask is not None:
+        if initial_mask is None:
+            if self.active is not None and self.active[0] == index:
+                return self.active[1]
+            record = self.records.get(index)
+            initial_mask = record.mask if record is not None else None
+            meta = {"slice": index, "axis": self.slices.axis}
+        else:
             initial_mask = np.asarray(initial_mask, bool)
             if initial_mask.shape != self.slices.shape:
                 raise ValueError(
                     f"open_slice({index}): the initial mask is {initial_mask.shape[::-1]} (W x H) but the slices are "
                     f"{self.slices.shape[::-1]}; give a mask of the slice's size"
                 )
-        elif self.active is not None and self.active[0] == index:
-            return self.active[1]
-        record = self.records.get(index)
-        if initial_mask is not None:
-            initial = {self.target: initial_mask} if initial_mask.any() else None
-        else:
-            initial = {self.target: record.mask} if record is not None and record.mask.any() else None
+            meta = {"slice": index, "axis": self.slices.axis, "initial": "user"}
+        initial = {self.target: initial_mask} if initial_mask is not None and initial_mask.any() else None
         session = InteractiveSession(
             self.tool,
             self.slices.image(index),
@@ -117,7 +118,7 @@ class VolumeSession:
             self.target,
             self.dialect,
             initial_masks=initial,
-            meta={"slice": index, "axis": self.slices.axis, **({} if initial_mask is None else {"initial": "user"})},
+            meta=meta,
         )
         self.active = (index, session)
         return session

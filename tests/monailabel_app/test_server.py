@@ -259,7 +259,7 @@ def _check_result(result: dict, image: str) -> Trajectory:
 def test_a_server_without_a_token_answers_only_to_its_own_names(bare):
     """Hardening (the token-protected server is in test_hardening_endpoints.py). DNS rebinding: a page on a name
     that resolves to 127.0.0.1 is same-origin for the browser; the Host header gives it away."""
-    for host in ("evil.example", f"evil.example:{bare.port}", "127.0.0.1.evil.example", ""):
+    for host in ("evil.example", f"evil.example:{bare.port}", "127.0.0.1.evil.example", "", "[::1", "[zz]:1"):
         response = requests.get(bare.url + "/datastore/", headers={"Host": host}, timeout=10)
         assert response.status_code == 403 and "Host header" in response.json()["detail"]
     for host in (f"localhost:{bare.port}", f"127.0.0.1:{bare.port}", "localhost"):

@@ -67,7 +67,7 @@ class _Reporting:
         self.inner.remove_anchor(index)
 
     def propagate(self, start: int, direction: int, stop: int) -> Iterator[SliceOutput]:
-        if self.job_tool is not None and hasattr(self.inner, "predictor"):
+        if self.job_tool is not None and _is_model(self.inner):
             self.job_tool.give_back()  # sam2's video predictor does not use the 2D tool: 2D requests may meanwhile
         for out in self.inner.propagate(start, direction, stop):
             self.progress.tick()
@@ -480,14 +480,14 @@ class IBISAgentVolumeTask(InferTask):
                 shared.predictor, name=shared.name.removesuffix("-video"), feature_cache=shared.feature_cache
             )
         propagator = self.propagator_factory(tool)
-        if hasattr(propagator, "predictor"):
+        if _is_model(propagator):
             with self._tools_lock:
                 self._shared = self._shared or propagator
         return propagator
 
     def _model(self, propagator: _Reporting):
         """The lock of a shared predictor (held for the job), or a no-op for the weight-free propagator."""
-        return self._model_lock if hasattr(propagator.inner, "predictor") else _NoLock()
+        return self._model_lock if _is_model(propagator.inner) else _NoLock()
 
     # -- the response ----------------------------------------------------------------------------------------------
     def _respond(
@@ -629,6 +629,12 @@ class _NoLock:
 
     def __exit__(self, *exc):
         return False
+
+
+def _is_model(propagator: Propagator) -> bool:
+    """A model propagator (sam2's video predictor): its own model, shared by the sessions; it does not use the 2D
+    tool."""
+    return hasattr(propagator, "predictor")
 
 
 def _clicks(points: list[tuple[float, float, bool]], target: str) -> list[Click]:
