@@ -2,9 +2,9 @@
 
 Per image (`set_image`): colour features (CIELAB, or grey x 100 for grey images), a smoothed copy for colour
 comparisons, a lightly smoothed copy for the random walker and gradient magnitudes, each on a 4-level pyramid
-(full resolution and three halvings), plus the image's noise level. The full-resolution level is computed in row
-strips on the available cores (threads; each strip with the rows of context its filters need): the same numbers
-as one pass.
+(full resolution and three halvings), plus the image's noise level. The full-resolution level and the gradients
+of the coarser ones are computed in row strips on the available cores (threads; each strip with the rows of context
+its filters need): the same numbers as one pass.
 
 Per click (`predict`), the previous mask is kept except where the new click contradicts it: a click that agrees
 with the mask at its pixel (a positive click inside it, a negative one outside) changes nothing, and stays a seed
@@ -49,7 +49,6 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spl
 from PIL import Image
 from scipy import ndimage
-from skimage.color import rgb2lab
 from skimage.graph import MCP_Geometric
 
 from ibisagent.tools.base import SegmentationTool, ToolOutput
@@ -129,11 +128,10 @@ class ClassicalTool(SegmentationTool):
         h, w = image.shape[:2]
         m = 2 ** (_LEVELS - 1)
         ph, pw = -(-h // m) * m, -(-w // m) * m  # padded so every level halves exactly
-        grey = np.ptp(image.astype(np.int16), axis=2).max() <= 8
+        grey = _is_grey(image)
 
         def colour(rows: np.ndarray) -> np.ndarray:
-            rgb = rows.astype(np.float32) / 255
-            return (rgb.mean(2, keepdims=True) * 100).astype(np.float32) if grey else rgb2lab(rgb).astype(np.float32)
+            return (rows.astype(np.float32) / 255).mean(2, keepdims=True) * 100 if grey else _lab(rows)
 
         # Gaussian blurs add up in variance: the seed copy is the light copy blurred further, with shorter kernels.
         extra = float(np.sqrt(max(p.seed_sigma**2 - p.rw_sigma**2, 0.0)))
@@ -141,17 +139,20 @@ class ClassicalTool(SegmentationTool):
         def level0(rows: np.ndarray) -> tuple[np.ndarray, ...]:
             light = _gauss(rows, p.rw_sigma)
             smooth = _gauss(light, extra)
-            return light, smooth, _gradient(rows), np.sqrt(((rows - smooth) ** 2).sum(-1))
+            return light, smooth, _gradient(rows), np.sqrt(_channel_sum(np.square(rows - smooth)))
 
         f = np.pad(_by_rows(colour, image, 0, self.threads)[0], ((0, ph - h), (0, pw - w), (0, 0)), mode="edge")
-        context = max(_radius(p.rw_sigma) + _radius(extra), _radius(_GRADIENT_SIGMA) + 1)
+        gradient_context = _radius(_GRADIENT_SIGMA) + 1
+        context = max(_radius(p.rw_sigma) + _radius(extra), gradient_context)
         light, smooth, grad, residual = _by_rows(level0, f, context, self.threads)
         self._noise = float(np.median(residual)) + 0.5
         self._feats, self._smooth, self._rwfeat = [f], [smooth], [light]
         for _ in range(1, _LEVELS):
             for pyramid in (self._feats, self._smooth, self._rwfeat):
                 pyramid.append(_down2(pyramid[-1]))
-        self._grads = [grad] + [_gradient(level) for level in self._feats[1:]]
+        self._grads = [grad] + [
+            _by_rows(_gradient, level, gradient_context, self.threads)[0] for level in self._feats[1:]
+        ]
         self._memory.clear()
 
     # -- per click ---------------------------------------------------------------------------------------
@@ -449,18 +450,49 @@ def _by_rows(fn, a: np.ndarray, context: int, threads: int) -> tuple:
 
 
 def _radius(sigma: float) -> int:
-    """Rows either side that `ndimage.gaussian_filter(..., sigma)` reads (its default truncate of 4 sigma)."""
+    """Rows either side that `_gauss(..., sigma)` reads: its kernel is truncated at 4 sigma."""
     return int(4.0 * sigma + 0.5) if sigma > 0 else 0
 
 
 def _gauss(f: np.ndarray, sigma: float) -> np.ndarray:
-    """HxWxC features, each channel Gaussian-smoothed."""
-    return np.stack([ndimage.gaussian_filter(f[..., ch], sigma) for ch in range(f.shape[2])], -1)
+    """HxWxC float32 features, each channel Gaussian-smoothed (kernel truncated at 4 sigma, edges mirrored as
+    ndimage's "reflect"). A separable filter written as sums of shifted slices, all channels at once: about 2.5x
+    faster than ndimage.gaussian_filter, which copies every line through a float64 buffer."""
+    radius = _radius(sigma)
+    if radius == 0:
+        return f.astype(np.float32)
+    x = np.arange(-radius, radius + 1)
+    kernel = np.exp(-0.5 * (x / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).astype(np.float32)
+    out = f
+    for axis in (0, 1):
+        pad = [(0, 0)] * f.ndim
+        pad[axis] = (radius, radius)
+        padded = np.pad(out, pad, mode="symmetric")
+        n = f.shape[axis]
+
+        def shifted(k: int, padded: np.ndarray = padded, axis: int = axis, n: int = n) -> np.ndarray:
+            return padded[(slice(None),) * axis + (slice(k, k + n),)]
+
+        out = shifted(radius) * kernel[radius]
+        for j in range(1, radius + 1):  # the kernel is symmetric: one product per pair of taps
+            pair = shifted(radius - j) + shifted(radius + j)
+            pair *= kernel[radius + j]
+            out += pair
+    return out
 
 
 def _down2(a: np.ndarray) -> np.ndarray:
     """Halve the resolution by 2x2 averaging (even sides)."""
     return 0.25 * (a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2])
+
+
+def _channel_sum(a: np.ndarray) -> np.ndarray:
+    """HxWxC -> HxW: the channels added in order (numpy's sum over a short last axis is several times slower)."""
+    out = a[..., 0].copy()
+    for k in range(1, a.shape[2]):
+        out += a[..., k]
+    return out
 
 
 def _gradient(f: np.ndarray) -> np.ndarray:
@@ -472,7 +504,40 @@ def _gradient(f: np.ndarray) -> np.ndarray:
     cols = p[:, :-2] + 2 * p[:, 1:-1] + p[:, 2:]  # [1, 2, 1] along the columns
     gx = rows[:, 2:] - rows[:, :-2]
     gy = cols[2:] - cols[:-2]
-    return np.sqrt((gx * gx + gy * gy).sum(-1)) / 8
+    gx *= gx
+    gy *= gy
+    gx += gy
+    return np.sqrt(_channel_sum(gx)) / 8
+
+
+def _is_grey(image: np.ndarray) -> bool:
+    """Whether every pixel's channels (HxWxC uint8) lie within 8 levels of each other."""
+    channels = [image[..., k] for k in range(image.shape[2])]
+    hi, lo = channels[0], channels[0]
+    for ch in channels[1:]:
+        hi, lo = np.maximum(hi, ch), np.minimum(lo, ch)
+    return int((hi - lo).max()) <= 8
+
+
+# sRGB -> CIELAB (D65, 2 degrees), the steps and float32 constants of skimage.color.rgb2lab (the same numbers), with
+# the gamma expansion of the 256 byte values looked up in a table rather than computed per pixel.
+_XYZ_FROM_RGB = np.array(
+    [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]], np.float32
+)
+_WHITE_D65 = np.array([0.95047, 1.0, 1.08883], np.float32)
+_BYTES = np.arange(256, dtype=np.float32) / 255
+_LINEAR = np.where(
+    _BYTES > 0.04045, np.power((_BYTES + np.float32(0.055)) / np.float32(1.055), np.float32(2.4)), _BYTES / 12.92
+).astype(np.float32)
+
+
+def _lab(rgb: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 sRGB -> HxWx3 float32 CIELAB."""
+    xyz = _LINEAR[rgb] @ _XYZ_FROM_RGB.T
+    xyz /= _WHITE_D65
+    f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16.0 / 116.0)
+    x, y, z = f[..., 0], f[..., 1], f[..., 2]
+    return np.stack([116.0 * y - 16.0, 500.0 * (x - y), 200.0 * (y - z)], -1)
 
 
 def _resize(a: np.ndarray, w: int, h: int) -> np.ndarray:

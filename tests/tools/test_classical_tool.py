@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import ndimage
+from skimage.color import rgb2lab
 
 from ibisagent.datasets import list_biomedparse
 from ibisagent.io import read_image, read_mask
@@ -15,7 +16,7 @@ from ibisagent.metrics import iou, noc
 from ibisagent.simulator import click_with_oracle, far_background_click, next_click, perturbed_masks
 from ibisagent.tools import build_tool
 from ibisagent.tools.base import ToolError
-from ibisagent.tools.classical import ClassicalParams, ClassicalTool
+from ibisagent.tools.classical import ClassicalParams, ClassicalTool, _gauss, _is_grey, _lab
 from ibisagent.types import Click
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -204,6 +205,25 @@ def test_encoding_in_row_strips_equals_one_pass(shape):
             np.testing.assert_array_equal(many.predict(clicks).mask, one.predict(clicks).mask)
     with pytest.raises(ValueError, match="threads"):
         ClassicalTool(threads=0)
+
+
+def test_encoding_filters_give_the_numbers_of_the_libraries_they_replace():
+    """The encoding's own CIELAB conversion gives skimage's rgb2lab numbers exactly (every byte value on each
+    channel), and its Gaussian gives ndimage.gaussian_filter's (mirrored edges) to float32 rounding, on sizes down
+    to a pixel; the grey test is numpy's channel range."""
+    i, j = np.mgrid[0:256, 0:256]
+    rgb = np.stack([i, j, (7 * i + 13 * j) % 256], -1).astype(np.uint8)
+    np.testing.assert_array_equal(_lab(rgb), rgb2lab(rgb.astype(np.float32) / 255))
+    rng = np.random.default_rng(2)
+    for shape in ((37, 29, 3), (5, 4, 1), (1, 1, 3), (2, 9, 3)):
+        f = (rng.random(shape) * 100).astype(np.float32)
+        for sigma in (0.7, 1.0, 1.5):
+            np.testing.assert_allclose(_gauss(f, sigma), ndimage.gaussian_filter(f, (sigma, sigma, 0)), atol=1e-4)
+    for spread in (0, 8, 9, 200):
+        image = np.full((4, 5, 3), 100, np.uint8)
+        image[2, 3, 1] += spread // 2
+        image[2, 3, 2] -= spread - spread // 2
+        assert _is_grey(image) == (np.ptp(image.astype(int), axis=2).max() <= 8)
 
 
 @needs_demo
