@@ -27,7 +27,7 @@ setup(
     + [f"ibisagent_training.{p}" for p in find_packages(where="training")],
     package_dir={"ibisagent_training": "training"},
     package_data={"ibisagent": ["templates/*.txt", "templates/*.jinja"]},
-    install_requires=["numpy", "scipy", "pillow", "scikit-image", "tqdm"],
+    install_requires=["numpy", "scipy", "pillow", "scikit-image", "threadpoolctl", "tqdm"],
     extras_require=extras,
     entry_points={
         "console_scripts": [

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
+import scipy.sparse.linalg as spl
 from scipy import ndimage
 from skimage.color import rgb2lab
 
@@ -16,7 +18,15 @@ from ibisagent.metrics import iou, noc
 from ibisagent.simulator import click_with_oracle, far_background_click, next_click, perturbed_masks
 from ibisagent.tools import build_tool
 from ibisagent.tools.base import ToolError
-from ibisagent.tools.classical import ClassicalParams, ClassicalTool, _gauss, _is_grey, _lab
+from ibisagent.tools.classical import (
+    ClassicalParams,
+    ClassicalTool,
+    _gauss,
+    _is_grey,
+    _lab,
+    _random_walk,
+    _solve_laplacian,
+)
 from ibisagent.types import Click
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -224,6 +234,38 @@ def test_encoding_filters_give_the_numbers_of_the_libraries_they_replace():
         image[2, 3, 1] += spread // 2
         image[2, 3, 2] -= spread - spread // 2
         assert _is_grey(image) == (np.ptp(image.astype(int), axis=2).max() <= 8)
+
+
+def test_the_random_walker_solves_thin_bands_and_square_zones_as_superlu_does(monkeypatch):
+    """Thin bands go to the banded Cholesky, square zones and indefinite systems to SuperLU: all give SuperLU's x."""
+    superlu, real = [], spl.splu
+    monkeypatch.setattr(spl, "splu", lambda *a, **k: superlu.append(1) or real(*a, **k))
+    rng = np.random.default_rng(3)
+    feat = (rng.random((160, 400, 3)) * 50).astype(np.float32)
+    band = np.zeros((160, 400), bool)
+    band[40:52, 5:395] = True  # a 12-pixel band along a boundary
+    square = np.zeros((160, 400), bool)
+    square[5:155, 100:250] = True  # 150 x 150: its band after reordering is too wide
+    value = (np.arange(160)[:, None] < 45).astype(np.float32).repeat(400, 1)
+    for unknown, by_superlu in ((band, 0), (square, 1)):
+        x = _random_walk(feat, ~unknown, value, 4.0)
+        assert np.all((x >= 0) & (x <= 1)) and np.all(x[~unknown] == value[~unknown])
+        # the reference: the whole grid's Laplacian L, and L_uu x_u = -L_uf v_f solved by SuperLU
+        grid = np.arange(unknown.size).reshape(unknown.shape)
+        pairs = [(grid[:, :-1].ravel(), grid[:, 1:].ravel()), (grid[:-1].ravel(), grid[1:].ravel())]
+        a, b = np.concatenate([p for p, _ in pairs]), np.concatenate([q for _, q in pairs])
+        f = feat.reshape(-1, 3).astype(np.float64)
+        d = ((f[a] - f[b]) ** 2).sum(-1)
+        w = sp.coo_matrix((np.exp(-4.0 * d / (d.mean() + 1e-6)) + 1e-4, (a, b)), shape=(grid.size,) * 2).tocsr()
+        w = w + w.T
+        lap = (sp.diags(np.asarray(w.sum(1)).ravel()) - w).tocsr()
+        u = unknown.ravel()
+        rhs = -(lap[u][:, ~u] @ value.ravel()[~u])
+        np.testing.assert_allclose(x[unknown], spl.spsolve(lap[u][:, u].tocsc(), rhs), atol=1e-6)
+        assert len(superlu) == by_superlu
+    indefinite = sp.csr_matrix(np.array([[1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 3.0]]))
+    np.testing.assert_allclose(_solve_laplacian(indefinite, np.array([3.0, 3.0, 3.0])), [1.0, 1.0, 1.0])
+    assert len(superlu) == 2
 
 
 @needs_demo
