@@ -15,7 +15,7 @@ of later solves. A contradicting click decides a region it may claim, and the la
    edge does not read the edge as spread) and a colour tolerance that adapts to the image (its noise level) and to
    the seed (its spread). The first positive click measures the object's radius by casting rays until the colour
    leaves that tolerance; rays that mostly escape far across the image mean the tolerance was too loose, and they
-   are cast again with half of it. A later click's reach grows with its depth, the distance to the current mask's
+   are cast again with half of it (the halved tolerance is then the click's: its claim uses it too). A later click's reach grows with its depth, the distance to the current mask's
    boundary (how deep the click lies in the error). The depth overestimates the error when a positive click lands
    on a separate part of the object, or a negative one on an inclusion deep inside the mask (a hole an initial mask
    covers): the reach and the depth are capped by the click's own ray radius, so a click never re-solves more than
@@ -24,7 +24,9 @@ of later solves. A contradicting click decides a region it may claim, and the la
    pyramid level where the window fits in `window` pixels, give the pixels within reach. Clicks of the opposite
    label compete for pixels (each pixel goes to the geodesically nearer click), a claim keeps only pixels whose
    colour lies within a few seed tolerances of the click's, and a correction may not spread further than a slab
-   around the label it corrects. The claimed pixels (the part connected to the click) take the click's label.
+   around the label it corrects. A later positive click whose claim would be many times the object so far and a
+   good part of the image (a flood through weak edges from a separate part) claims again with half its tolerance.
+   The claimed pixels (the part connected to the click) take the click's label.
 3. Re-solve. The first click refines its boundary in a thin band at full resolution with a random walker. A later
    click re-solves only a zone around itself (near the mask boundary and within a radius that grows with the
    depth) with a random walker seeded by all clicks and by the labels outside the zone, so a click corrects
@@ -85,6 +87,8 @@ class ClassicalParams:
     cap_negative: float = 1.5  # times the click's ray radius, + first_offset
     edge_scale: float = 1.5  # geodesic cost 1 + (gradient / (edge_scale * local median gradient))^2
     claim_tol: float = 1.5  # a claim keeps pixels within claim_tol * the seed tolerance of the click's colour
+    flood_ratio: float = 4.0  # a later positive claim beyond flood_ratio x the mask's area and flood_share of the
+    flood_share: float = 0.05  # image is made again with half the tolerance (at most twice)
     window_margin: float = 1.2  # claim window half-width = window_margin * reach + 4
     slab_scale: float = 2.5  # a correction claims only within slab_scale * depth + slab_offset of the label it fixes
     slab_offset: float = 2.0
@@ -182,17 +186,28 @@ class ClassicalTool(SegmentationTool):
         if mask[r, c] == new.positive and not first:
             return  # the click agrees with the mask: nothing to correct here (later solves keep it as a seed)
         if first:
-            depth = self._ray_radius(r, c)
+            depth, tol = self._ray_radius(r, c)
             reach = p.first_scale * depth + p.first_offset
         else:
             depth = _distance_to(mask != mask[r, c], r, c)
             reach = p.reach_scale * depth + p.reach_offset
             # The depth overestimates the error when the click lies on a separate part of the object (positive) or
             # in a wide leak (negative): the reach is capped by the extent of the click's own colour region.
-            cap = (p.cap_scale if new.positive else p.cap_negative) * self._ray_radius(r, c) + p.first_offset
+            radius, tol = self._ray_radius(r, c)
+            cap = (p.cap_scale if new.positive else p.cap_negative) * radius + p.first_offset
             if cap < reach:
                 reach, depth = cap, min(depth, cap)
-        box, claim = self._claim(new, clicks, reach)
+        box, claim = self._claim(new, clicks, reach, tol)
+        if new.positive and not first:
+            # A later positive click that would add many times the object so far and a good part of the image has
+            # a colour tolerance that lets it flood (a textured or edge-straddling seed on a separate part): its
+            # tolerance is halved, as for escaping rays, at most twice.
+            limit = max(p.flood_ratio * mask.sum(), p.flood_share * h * w)
+            for _ in range(2):
+                if claim.sum() <= limit:
+                    break
+                tol *= 0.5
+                box, claim = self._claim(new, clicks, reach, tol)
         sub = mask[box[0] : box[1], box[2] : box[3]]
         if not first:
             fixed = sub if new.positive else ~sub  # the label next to the error this click corrects
@@ -233,11 +248,12 @@ class ClassicalTool(SegmentationTool):
                 mu, spread = uniform
         return mu, p.seed_tol_noise * self._noise + p.seed_tol_spread * spread
 
-    def _ray_radius(self, r: int, c: int) -> float:
+    def _ray_radius(self, r: int, c: int) -> tuple[float, float]:
         """Median over `_RAYS` rays of the distance from (r, c) to where the colour leaves the seed's tolerance.
 
         A median beyond `ray_escape` of the image side means the tolerance let the rays escape the object
-        (textured seeds, weak contrast): the rays are measured again with half the tolerance.
+        (textured seeds, weak contrast): the rays are measured again with half the tolerance. Returns the radius and
+        the tolerance that measured it, which is also the one the click's claim uses.
         """
         h, w = self._image.shape[:2]
         f = self._smooth[0]
@@ -248,7 +264,9 @@ class ClassicalTool(SegmentationTool):
         inside = (rr >= 0) & (rr <= h - 1) & (cc >= 0) & (cc <= w - 1)
         ri, ci = np.clip(np.round(rr).astype(int), 0, h - 1), np.clip(np.round(cc).astype(int), 0, w - 1)
         colour = np.sqrt(_channel_sum(np.square(f[ri, ci] - mu)))
-        for _ in range(2):
+        for attempt in range(2):
+            if attempt:
+                tol *= 0.5
             out = (colour > tol) | ~inside
             stop = out.copy()  # a ray stops at the first of three consecutive outside samples
             for j in (1, 2):
@@ -257,8 +275,7 @@ class ClassicalTool(SegmentationTool):
             radius = float(np.median(np.maximum(steps[np.argmax(stop, 1)] - 0.5, 1)))
             if radius < self.params.ray_escape * max(h, w):
                 break
-            tol *= 0.5
-        return radius
+        return radius, tol
 
     def _level_for(self, side: int) -> int:
         """The coarsest-needed pyramid level: the first where a window of `side` full-res pixels fits `window`."""
@@ -276,9 +293,12 @@ class ClassicalTool(SegmentationTool):
         rl, cl, k = r // s, c // s, -(-half // s) + pad
         return level, max(0, rl - k), min(hl, rl + k + 1), max(0, cl - k), min(wl, cl + k + 1)
 
-    def _claim(self, new: Click, clicks: list[Click], reach: float) -> tuple[tuple[int, int, int, int], np.ndarray]:
+    def _claim(
+        self, new: Click, clicks: list[Click], reach: float, tol: float
+    ) -> tuple[tuple[int, int, int, int], np.ndarray]:
         """Pixels geodesically within `reach` of the new click, nearer to it than to any opposite click and
-        within `claim_tol` seed tolerances of its colour (the connected part holding the click).
+        within `claim_tol` x `tol` (the click's colour tolerance, as its rays settled it) of its colour (the
+        connected part holding the click).
 
         Returns (box, claim): box = (r0, r1, c0, c1) full-res pixels, claim a bool array of the box's shape.
         """
@@ -306,7 +326,7 @@ class ClassicalTool(SegmentationTool):
             margin = np.minimum(margin, other - dist)
         smooth = self._smooth[level]
         colour = np.sqrt(_channel_sum(np.square(smooth[r0:r1, c0:c1] - smooth[r // s, c // s])))
-        margin = np.minimum(margin, p.claim_tol * self._seed(r, c)[1] - colour)
+        margin = np.minimum(margin, p.claim_tol * tol - colour)
         if s > 1:
             margin = _resize(margin, (c1 - c0) * s, (r1 - r0) * s)
         box = (r0 * s, min(h, r1 * s), c0 * s, min(w, c1 * s))
