@@ -11,6 +11,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spl
 from scipy import ndimage
 from skimage.color import rgb2lab
+from threadpoolctl import threadpool_info
 
 from ibisagent.datasets import list_biomedparse
 from ibisagent.io import read_image, read_mask
@@ -19,6 +20,7 @@ from ibisagent.simulator import click_with_oracle, far_background_click, next_cl
 from ibisagent.tools import build_tool
 from ibisagent.tools.base import ToolError
 from ibisagent.tools.classical import (
+    _ONE_BLAS_THREAD,
     ClassicalParams,
     ClassicalTool,
     _gauss,
@@ -266,6 +268,21 @@ def test_the_random_walker_solves_thin_bands_and_square_zones_as_superlu_does(mo
     indefinite = sp.csr_matrix(np.array([[1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 3.0]]))
     np.testing.assert_allclose(_solve_laplacian(indefinite, np.array([3.0, 3.0, 3.0])), [1.0, 1.0, 1.0])
     assert len(superlu) == 2
+
+
+def test_band_solves_run_blas_on_one_thread_and_restore_it():
+    """Threaded BLAS made the banded Cholesky seconds slow on a busy machine: inside the solver's context (entered
+    from several threads at once, nested here) BLAS has one thread, and the setting comes back when the last leaves."""
+
+    def blas_threads() -> list[int]:
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    before = blas_threads()
+    with _ONE_BLAS_THREAD:
+        with _ONE_BLAS_THREAD:
+            assert set(blas_threads()) <= {1}
+        assert set(blas_threads()) <= {1}
+    assert blas_threads() == before
 
 
 @needs_demo
