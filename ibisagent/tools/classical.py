@@ -15,10 +15,11 @@ of later solves. A contradicting click decides a region it may claim, and the la
    edge does not read the edge as spread) and a colour tolerance that adapts to the image (its noise level) and to
    the seed (its spread). The first positive click measures the object's radius by casting rays until the colour
    leaves that tolerance; rays that mostly escape far across the image mean the tolerance was too loose, and they
-   are cast again with half of it (the halved tolerance is then the click's: its claim uses it too). A later click's reach grows with its depth, the distance to the current mask's
-   boundary (how deep the click lies in the error). The depth overestimates the error when a positive click lands
-   on a separate part of the object, or a negative one on an inclusion deep inside the mask (a hole an initial mask
-   covers): the reach and the depth are capped by the click's own ray radius, so a click never re-solves more than
+   are cast again with half of it (the halved tolerance is then the click's: its claim uses it too). A later
+   click's reach grows with its depth, the distance to the current mask's boundary (how deep the click lies in the
+   error). The depth overestimates the error when a positive click lands on a separate part of the object, or a
+   negative one on an inclusion deep inside the mask (a hole an initial mask covers): the reach and the depth are
+   capped by the click's own ray radius (measured as for the first click), so a click never re-solves more than
    its colour region suggests.
 2. Claim. Geodesic distances from the click on an edge-cost map (1 + (gradient / local scale)^2), computed on the
    pyramid level where the window fits in `window` pixels, give the pixels within reach. Clicks of the opposite
