@@ -198,17 +198,10 @@ class ClassicalTool(SegmentationTool):
             cap = (p.cap_scale if new.positive else p.cap_negative) * radius + p.first_offset
             if cap < reach:
                 reach, depth = cap, min(depth, cap)
-        box, claim = self._claim(new, clicks, reach, tol)
-        if new.positive and not first:
-            # A later positive click that would add many times the object so far and a good part of the image has
-            # a colour tolerance that lets it flood (a textured or edge-straddling seed on a separate part): its
-            # tolerance is halved, as for escaping rays, at most twice.
-            limit = max(p.flood_ratio * mask.sum(), p.flood_share * h * w)
-            for _ in range(2):
-                if claim.sum() <= limit:
-                    break
-                tol *= 0.5
-                box, claim = self._claim(new, clicks, reach, tol)
+        # A later positive click that would add many times the object so far and a good part of the image has a
+        # colour tolerance that lets it flood (a textured or edge-straddling seed on a separate part).
+        flood = max(p.flood_ratio * mask.sum(), p.flood_share * h * w) if new.positive and not first else None
+        box, claim = self._claim(new, clicks, reach, tol, flood)
         sub = mask[box[0] : box[1], box[2] : box[3]]
         if not first:
             fixed = sub if new.positive else ~sub  # the label next to the error this click corrects
@@ -295,11 +288,12 @@ class ClassicalTool(SegmentationTool):
         return level, max(0, rl - k), min(hl, rl + k + 1), max(0, cl - k), min(wl, cl + k + 1)
 
     def _claim(
-        self, new: Click, clicks: list[Click], reach: float, tol: float
+        self, new: Click, clicks: list[Click], reach: float, tol: float, flood: float | None = None
     ) -> tuple[tuple[int, int, int, int], np.ndarray]:
         """Pixels geodesically within `reach` of the new click, nearer to it than to any opposite click and
         within `claim_tol` x `tol` (the click's colour tolerance, as its rays settled it) of its colour (the
-        connected part holding the click).
+        connected part holding the click). A claim of more than `flood` pixels is made again with half the
+        tolerance, as for escaping rays, at most twice (the geodesic distances are computed once).
 
         Returns (box, claim): box = (r0, r1, c0, c1) full-res pixels, claim a bool array of the box's shape.
         """
@@ -327,12 +321,21 @@ class ClassicalTool(SegmentationTool):
             margin = np.minimum(margin, other - dist)
         smooth = self._smooth[level]
         colour = np.sqrt(_channel_sum(np.square(smooth[r0:r1, c0:c1] - smooth[r // s, c // s])))
-        margin = np.minimum(margin, p.claim_tol * tol - colour)
-        if s > 1:
-            margin = _resize(margin, (c1 - c0) * s, (r1 - r0) * s)
         box = (r0 * s, min(h, r1 * s), c0 * s, min(w, c1 * s))
-        claim = margin[: box[1] - box[0], : box[3] - box[2]] > 0
-        return box, _component_at(claim, r - box[0], c - box[2])
+
+        def within(tol: float) -> np.ndarray:
+            m = np.minimum(margin, p.claim_tol * tol - colour)
+            if s > 1:
+                m = _resize(m, (c1 - c0) * s, (r1 - r0) * s)
+            return _component_at(m[: box[1] - box[0], : box[3] - box[2]] > 0, r - box[0], c - box[2])
+
+        claim = within(tol)
+        for _ in range(2 if flood is not None else 0):
+            if claim.sum() <= flood:
+                break
+            tol *= 0.5
+            claim = within(tol)
+        return box, claim
 
     def _resolve_zone(self, mask: np.ndarray, new: Click, clicks: list[Click], depth: float) -> None:
         """Re-solve `mask` (HxW bool, edited in place) near the new click with a random walker.
@@ -481,29 +484,30 @@ def _radius(sigma: float) -> int:
 
 def _gauss(f: np.ndarray, sigma: float) -> np.ndarray:
     """HxWxC float32 features, each channel Gaussian-smoothed (kernel truncated at 4 sigma, edges mirrored as
-    ndimage's "reflect"). A separable filter written as sums of shifted slices, all channels at once: about 2.5x
-    faster than ndimage.gaussian_filter, which copies every line through a float64 buffer."""
+    ndimage's "reflect"). A separable filter written as sums of shifted slices, all channels at once: faster than
+    ndimage.gaussian_filter, which copies every line through a float64 buffer."""
     radius = _radius(sigma)
     if radius == 0:
         return f.astype(np.float32)
     x = np.arange(-radius, radius + 1)
     kernel = np.exp(-0.5 * (x / sigma) ** 2)
     kernel = (kernel / kernel.sum()).astype(np.float32)
-    out = f
-    for axis in (0, 1):
-        pad = [(0, 0)] * f.ndim
-        pad[axis] = (radius, radius)
-        padded = np.pad(out, pad, mode="symmetric")
-        n = f.shape[axis]
+    return _filter_axis(_filter_axis(f, kernel, 0), kernel, 1)
 
-        def shifted(k: int, padded: np.ndarray = padded, axis: int = axis, n: int = n) -> np.ndarray:
-            return padded[(slice(None),) * axis + (slice(k, k + n),)]
 
-        out = shifted(radius) * kernel[radius]
-        for j in range(1, radius + 1):  # the kernel is symmetric: one product per pair of taps
-            pair = shifted(radius - j) + shifted(radius + j)
-            pair *= kernel[radius + j]
-            out += pair
+def _filter_axis(a: np.ndarray, kernel: np.ndarray, axis: int) -> np.ndarray:
+    """`a` correlated along `axis` with a symmetric odd-length kernel, edges mirrored (one product per tap pair)."""
+    radius, n = len(kernel) // 2, a.shape[axis]
+    padded = np.pad(a, [(radius, radius) if k == axis else (0, 0) for k in range(a.ndim)], mode="symmetric")
+
+    def tap(k: int) -> np.ndarray:  # the input shifted by k - radius along the axis
+        return padded[(slice(None),) * axis + (slice(k, k + n),)]
+
+    out = tap(radius) * kernel[radius]
+    for j in range(1, radius + 1):
+        pair = tap(radius - j) + tap(radius + j)
+        pair *= kernel[radius + j]
+        out += pair
     return out
 
 
@@ -692,7 +696,7 @@ class _OneBlasThread:
 
 
 _ONE_BLAS_THREAD = _OneBlasThread()
-_BAND_RATIO = 100.0  # banded Cholesky where bandwidth^2 < this x sqrt(unknowns) (measured: faster than SuperLU there)
+_BAND_RATIO = 100.0  # banded Cholesky where bandwidth^2 < this x sqrt(unknowns); wider bands (square zones): SuperLU
 _BAND_ENTRIES = 8_000_000  # ... and its band storage holds at most this many float64 (64 MB)
 
 
@@ -701,8 +705,8 @@ def _solve_laplacian(lap: sp.csr_matrix, rhs: np.ndarray) -> np.ndarray:
     unknown pixel is connected to a seed.
 
     The usual system is a thin band of pixels along a boundary: reordered by reverse Cuthill-McKee its matrix has a
-    narrow band, and LAPACK's banded Cholesky solves it 1.5-2x faster than SuperLU (the slowest part of a click on
-    long boundaries). Systems whose band stays wide (a square zone) go to SuperLU: LU without pivoting on a
+    narrow band, which LAPACK's banded Cholesky solves faster than SuperLU (whose factorisation was the slowest part
+    of a click on long boundaries). Systems whose band stays wide (a square zone) go to SuperLU: LU without pivoting on a
     symmetric ordering, exact for this diagonally dominant matrix."""
     n = lap.shape[0]
     order = reverse_cuthill_mckee(lap, symmetric_mode=True)

@@ -278,6 +278,7 @@ def test_band_solves_run_blas_on_one_thread_and_restore_it():
         return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
 
     before = blas_threads()
+    assert before, "no BLAS library found loaded (numpy's and scipy's are expected)"
     with _ONE_BLAS_THREAD:
         with _ONE_BLAS_THREAD:
             assert set(blas_threads()) <= {1}
