@@ -19,9 +19,9 @@ def observe(episode: Episode, instruction: str, feedback: str | None = None) -> 
     """The observation of the episode's current state (overlay of the union of all targets' masks)."""
     union = episode.union_mask()
     return Observation(
-        step=episode.step,
-        instruction=instruction,
-        image=overlay(episode.image, union),
+        episode.step,
+        instruction,
+        lambda: overlay(episode.image, union),
         original=episode.image,
         has_mask=bool(union.any()),
         targets=episode.targets,

@@ -100,6 +100,32 @@ def test_oracle_episode_reaches_target_and_terminates(fake_tool):
     assert back.steps[0].clicks["lesion"][0] == traj.steps[0].clicks["lesion"][0]
 
 
+def test_observation_overlay_is_rendered_only_when_read(fake_tool, monkeypatch):
+    """The overlay is what a policy reading `obs.image` sees, of the masks at its step; the oracle, which never reads
+    it, renders none."""
+    import ibisagent.loop as loop
+
+    rendered = []
+    monkeypatch.setattr(loop, "overlay", lambda image, mask: rendered.append(mask.copy()) or overlay(image, mask))
+    gt = {"lesion": disk(60, 80, 18)}
+    run_episode(OraclePolicy(gt, iou_threshold=0.8), Episode(fake_tool, IMAGE, ["lesion"]), "x", gt=gt)
+    assert rendered == []
+
+    seen = []
+
+    class Looker(ReplayPolicy):
+        def act(self, obs):
+            seen.append((obs.image, obs.image, obs.masks["t"].copy()))
+            return super().act(obs)
+
+    ep = Episode(fake_tool, IMAGE, ["t"], max_steps=3)
+    run_episode(Looker(["<action>t: positive (0.5, 0.5)</action>", "<action>Terminate</action>"]), ep, "x")
+    assert len(rendered) == len(seen) == 2  # once per step, however often it is read
+    for image, again, mask in seen:
+        assert image is again and np.array_equal(image, overlay(IMAGE, mask))
+    assert seen[1][2].any() and not np.array_equal(seen[0][0], seen[1][0])
+
+
 def test_multi_target_oracle(fake_tool):
     gt = {"a": disk(40, 40, 28), "b": disk(80, 120, 28)}
     ep = Episode(fake_tool, IMAGE, list(gt), max_steps=20)
