@@ -3,9 +3,20 @@ adapters; imported only by them, after torch)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from ibisagent.tools.base import ToolError
+
+
+@contextmanager
+def seeded_init(torch, seed: int = 0) -> Iterator[None]:
+    """Build a model inside this: its random initial weights are drawn from `seed`, so a model built without a
+    checkpoint (tests, benchmarks) is the same in every run and every worker process. The caller's random state is
+    left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def read_state_dict(checkpoint: str, torch, family: str) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ibisagent._compat import ensure_torchvision
-from ibisagent.tools._weights import load_weights, read_state_dict
+from ibisagent.tools._weights import load_weights, read_state_dict, seeded_init
 from ibisagent.tools.base import SegmentationTool, ToolError, ToolOutput
 from ibisagent.types import Click
 
@@ -88,7 +88,8 @@ class SAM2Tool(SegmentationTool):
         from sam2.build_sam import build_sam2
 
         overrides = list(MEDSAM2_OVERRIDES) if medsam2 else []
-        model = build_sam2(config_name, ckpt_path=None, device="cpu", hydra_overrides_extra=overrides)
+        with seeded_init(torch):
+            model = build_sam2(config_name, ckpt_path=None, device="cpu", hydra_overrides_extra=overrides)
         tool_name = "medsam2" if medsam2 else "sam2"
         if checkpoint is None:
             logger.warning(

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ibisagent._compat import ensure_torchvision
-from ibisagent.tools._weights import load_weights, read_state_dict
+from ibisagent.tools._weights import load_weights, read_state_dict, seeded_init
 from ibisagent.tools.base import ToolError
 from ibisagent.tools.sam2_tool import MEDSAM2_OVERRIDES, _suggest, resolve_config
 from ibisagent.volume.propagation import SliceOutput, check_direction
@@ -65,9 +65,10 @@ class SAM2VideoPropagator:
 
         config_name = resolve_config(config)
         overrides = [*VIDEO_OVERRIDES, *(MEDSAM2_OVERRIDES if medsam2 else ())]
-        predictor = build_sam2_video_predictor(
-            config_name, ckpt_path=None, device="cpu", hydra_overrides_extra=overrides
-        )
+        with seeded_init(torch):
+            predictor = build_sam2_video_predictor(
+                config_name, ckpt_path=None, device="cpu", hydra_overrides_extra=overrides
+            )
         name = "medsam2" if medsam2 else "sam2"
         if checkpoint is None:
             logger.warning(

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ibisagent._compat import ensure_torchvision
-from ibisagent.tools._weights import load_weights, read_state_dict
+from ibisagent.tools._weights import load_weights, read_state_dict, seeded_init
 from ibisagent.tools.base import SegmentationTool, ToolError, ToolOutput
 from ibisagent.types import Click
 
@@ -85,7 +85,8 @@ class SAMTool(SegmentationTool):
         import torch
         from segment_anything import sam_model_registry
 
-        model = sam_model_registry[model_type](checkpoint=None)
+        with seeded_init(torch):
+            model = sam_model_registry[model_type](checkpoint=None)
         if checkpoint is None:
             logger.warning(
                 "%s: no checkpoint given, using RANDOM weights (%s); this is for tests only", tool_name, model_type

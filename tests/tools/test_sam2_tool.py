@@ -148,6 +148,16 @@ def test_predict_before_set_image_raises():
         tool.predict(CLICKS[:1])
 
 
+def test_random_weights_are_the_same_in_every_build(medsam2):
+    """Without a checkpoint the weights come from a fixed seed (runs and worker processes agree), and building
+    leaves the caller's random state alone."""
+    state = torch.random.get_rng_state()
+    again = SAM2Tool.from_checkpoint(None, medsam2=True)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    first = medsam2[0].model.state_dict()
+    assert all(torch.equal(first[k], v) for k, v in again.model.state_dict().items())
+
+
 def test_checkpoint_round_trip(medsam2, tmp_path):
     tool, _, image = medsam2
     path = tmp_path / "medsam2.pt"
