@@ -20,6 +20,7 @@ from ibisagent.types import DEFAULT_TARGET, Click
 _BLOCK = 2  # block side of the coarse pass of `_deepest` (2 keeps the bounds tight on ragged regions)
 _COARSE_FROM = 128 * 128  # crops with at least this many pixels take the coarse pass
 _MAX_BLOCKS = 8192  # more candidate blocks than this: the full distance transform is cheaper
+_CHUNK = 256  # candidate blocks measured together
 
 
 def _deepest(region: np.ndarray, excluded: np.ndarray) -> tuple[float, int, int]:
@@ -52,9 +53,8 @@ def _deepest_in_blocks(crop: np.ndarray) -> tuple[float, int, int] | None:
 
     A pixel of a block lying wholly inside the region is at least s*d - (s-1)*sqrt(2) and at most s*d + (s-1)*sqrt(2)
     from the outside, where d is the block's distance to a block holding an outside pixel and s the block side.
-    Blocks are measured exactly in order of their upper bound until it falls below the deepest pixel found: each
-    pixel's distance to the outside pixels next to the region within its bound (a nearest outside pixel always has
-    a region pixel as 4-neighbour), as squared integers, so ties stay exact.
+    Blocks are measured exactly, `_CHUNK` at a time in order of their upper bound, until the bound falls below the
+    deepest pixel found (`_depth2_within`, squared integers, so ties stay exact).
     """
     s = _BLOCK
     h, w = crop.shape
@@ -75,26 +75,43 @@ def _deepest_in_blocks(crop: np.ndarray) -> tuple[float, int, int] | None:
     if br.size > _MAX_BLOCKS:
         return None
     order = np.argsort(-bound[br, bc], kind="stable")
-    edge = np.zeros_like(crop)  # outside pixels with a region 4-neighbour, by row
-    edge[1:] |= crop[:-1]
-    edge[:-1] |= crop[1:]
-    edge[:, 1:] |= crop[:, :-1]
-    edge[:, :-1] |= crop[:, 1:]
-    qr, qc = np.nonzero(edge & ~crop)
+    br, bc, reach = br[order], bc[order], bound[br[order], bc[order]]
+    outside = np.flatnonzero(~crop)
+    within_r, within_c = np.divmod(np.arange(s * s), s)  # the pixels of a block
     best = (-1, 0, 0)  # (squared depth, -row, -col): the largest wins, ties to the first pixel in row-major order
-    for k in order:
-        a, b = int(br[k]) * s, int(bc[k]) * s
-        reach = float(bound[br[k], bc[k]])
-        if reach * reach < best[0]:
+    for start in range(0, br.size, _CHUNK):
+        if reach[start] ** 2 < best[0]:
             break
-        lo, hi = np.searchsorted(qr, a - reach, "left"), np.searchsorted(qr, a + s - 1 + reach, "right")
-        near = np.abs(qc[lo:hi] - np.clip(qc[lo:hi], b, b + s - 1)) <= reach
-        er, ec = qr[lo:hi][near], qc[lo:hi][near]
-        pr, pc = np.nonzero(crop[a : a + s, b : b + s])
-        d2 = ((pr[:, None] + a - er) ** 2 + (pc[:, None] + b - ec) ** 2).min(axis=1)
-        i = int(np.argmax(d2))  # the first deepest pixel of the block in row-major order
-        best = max(best, (int(d2[i]), -(a + int(pr[i])), -(b + int(pc[i]))))
+        chunk = slice(start, start + _CHUNK)
+        keep = reach[chunk] ** 2 >= best[0]
+        rows = (br[chunk][keep, None] * s + within_r).ravel()
+        cols = (bc[chunk][keep, None] * s + within_c).ravel()
+        rows, cols = rows[(rows < h) & (cols < w)], cols[(rows < h) & (cols < w)]
+        rows, cols = rows[crop[rows, cols]], cols[crop[rows, cols]]
+        d2 = _depth2_within(outside, crop.shape, rows, cols, int(np.ceil(reach[start])))
+        deepest = np.flatnonzero(d2 == d2.max())
+        i = deepest[np.lexsort((cols[deepest], rows[deepest]))[0]]
+        best = max(best, (int(d2[i]), -int(rows[i]), -int(cols[i])))
     return float(np.sqrt(best[0])), -best[1], -best[2]
+
+
+def _depth2_within(
+    outside: np.ndarray, shape: tuple[int, int], rows: np.ndarray, cols: np.ndarray, radius: int
+) -> np.ndarray:
+    """Squared distance from each pixel (rows, cols) of a crop of `shape` to its nearest outside pixel, which lies
+    within `radius`; `outside` holds the row-major flat indices of the outside pixels, sorted, and the crop's border
+    is outside. The separable form of the distance transform, for these pixels only: the minimum
+    over the rows r+k, |k| <= radius, of k^2 plus the squared distance along row r+k to its nearest outside pixel
+    (found by bisection in `outside`)."""
+    h, w = shape
+    k = np.arange(-radius, radius + 1)
+    rows_k = np.clip(rows[:, None] + k, 0, h - 1)  # rows beyond the crop are outside, as its first and last rows
+    flat = rows_k * w + cols[:, None]
+    i = np.searchsorted(outside, flat)
+    after = outside[np.minimum(i, outside.size - 1)]
+    before = outside[np.maximum(i - 1, 0)]
+    along = np.minimum(after - flat, flat - before)
+    return (along * along + k * k).min(axis=1)
 
 
 def next_click(

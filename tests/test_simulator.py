@@ -34,6 +34,10 @@ def _shapes(rng: np.random.Generator):
     yield rng.random((n, n)) > 0.3
     # ragged and mostly connected, a few pixels deep (a random-weight model's false positives): 2-pixel blocks bound it
     yield ndimage.gaussian_filter(rng.normal(size=(n, n)), 2) > -0.1
+    # a lattice of holes: hundreds of blocks tie at the top bound, measured in several chunks; the first pixel wins
+    lattice = np.ones((n, n), bool)
+    lattice[::17, ::17] = False
+    yield lattice
 
 
 def test_deepest_equals_the_distance_transform():
